@@ -1,0 +1,34 @@
+"""Wires one configuration into the shared pieces every entry point needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pxeserver.bootconfig import BootConfigWriter
+from pxeserver.config import Config
+from pxeserver.policy import BootPolicy
+from pxeserver.provisioning import Provisioning
+from pxeserver.registry import Store, open_store
+from pxeserver.timeline import Timeline
+
+
+@dataclass
+class Context:
+    config: Config
+    store: Store
+    timeline: Timeline
+    policy: BootPolicy
+    writer: BootConfigWriter
+    provisioning: Provisioning
+
+    def close(self) -> None:
+        self.timeline.close()
+        self.store.close()
+
+
+def build(config: Config) -> Context:
+    store = open_store(config.database)
+    timeline = Timeline(store)
+    policy = BootPolicy(store, config, timeline)
+    writer = BootConfigWriter(config.tftp_root, policy)
+    return Context(config, store, timeline, policy, writer, Provisioning(store, policy, writer))

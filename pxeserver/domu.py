@@ -1,0 +1,37 @@
+"""The xl domU configuration that boots a registered host through pypxeboot."""
+
+from __future__ import annotations
+
+import re
+
+from pxeserver.registry import Host
+
+_NAME_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def render(host: Host, *, bridge: str | None = None, disk: str | None = None,
+           memory: int | None = None, vcpus: int | None = None) -> str:
+    """An xl config: PV guest, pypxeboot as bootloader, one vif with the host's MAC.
+
+    ``bootloader_args`` is a list (xl deprecates the string form); pypxeboot finds the MAC
+    there. on_reboot restarts the guest, so after the installer's final reboot the bootloader
+    runs again and, with netboot now off, hands over to the installed system.
+    """
+    name = _NAME_SAFE.sub("-", host.hostname.split(".", 1)[0])
+    xen = host.xen
+    disk_spec = disk or xen.disk or f"format=raw,vdev=xvda,access=rw,target=/var/lib/xen/images/{name}.img"
+    lines = [
+        f"# {host.hostname}: boots through pypxeboot from pxeserver",
+        f'name = "{name}"',
+        'type = "pv"',
+        f"memory = {memory if memory is not None else xen.memory}",
+        f"vcpus = {vcpus if vcpus is not None else xen.vcpus}",
+        f"vif = ['mac={host.mac},bridge={bridge if bridge is not None else xen.bridge}']",
+        f"disk = ['{disk_spec}']",
+        'bootloader = "pypxeboot"',
+        f'bootloader_args = ["mac={host.mac}"]',
+        'on_poweroff = "destroy"',
+        'on_reboot = "restart"',
+        'on_crash = "restart"',
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,180 @@
+"""Boot policy: the one answer to "what should the machine with this MAC boot?".
+
+Every protocol service (TFTP, HTTP, DHCP, DNS, and the config writer) asks a
+:class:`BootPolicy`; none of them reads the registry directly. Like pixiecore's ``Booter``, it
+separates the decision from the protocol code, and several servers sharing one registry give
+the same answers because the answers come from the registry, not from files on one disk.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, replace
+from enum import Enum
+
+from pxeserver.config import Config
+from pxeserver.mac import InvalidMac, MacAddress
+from pxeserver.registry import Host, NotFound, Profile, Status, Store
+from pxeserver.timeline import Timeline
+
+log = logging.getLogger(__name__)
+
+PXELINUX_DIR = "pxelinux.cfg/"
+
+
+@dataclass(frozen=True)
+class NetBoot:
+    """Boot a kernel and initrd (paths relative to the TFTP root) with this command line."""
+
+    kernel: str
+    initrd: str
+    cmdline: str
+    label: str = "install"
+
+
+@dataclass(frozen=True)
+class LocalBoot:
+    """Boot from the local disk (pypxeboot hands over to pygrub)."""
+
+
+BootSpec = NetBoot | LocalBoot
+
+
+class AutoinstallKind(str, Enum):
+    KICKSTART = "kickstart"
+    PRESEED = "preseed"
+
+
+# The order in which a host moves through an install; only forward moves are recorded.
+_LIFECYCLE = [Status.REGISTERED, Status.NETBOOTING, Status.INSTALLING]
+
+
+class BootPolicy:
+    def __init__(self, store: Store, config: Config, timeline: Timeline) -> None:
+        self.store = store
+        self.config = config
+        self.timeline = timeline
+
+    # -- lookups --------------------------------------------------------------------------
+
+    def host(self, mac: MacAddress) -> Host | None:
+        return self.store.find_host(mac)
+
+    def host_by_ip(self, ip: str) -> Host | None:
+        return self.store.find_host_by_ip(ip)
+
+    def autoinstall_kind(self, template: str) -> AutoinstallKind | None:
+        """Which directory holds the template decides kickstart or preseed."""
+        if not template:
+            return None
+        if (self.config.kickstarts_dir / template).is_file():
+            return AutoinstallKind.KICKSTART
+        if (self.config.preseeds_dir / template).is_file():
+            return AutoinstallKind.PRESEED
+        return None
+
+    # -- the decision ---------------------------------------------------------------------
+
+    def boot_spec(self, mac: MacAddress) -> BootSpec:
+        """The boot spec for a MAC; an unknown MAC gets the configured default."""
+        host = self.store.find_host(mac)
+        return self.default_spec() if host is None else self.host_spec(host)
+
+    def host_spec(self, host: Host) -> BootSpec:
+        if not host.netboot:
+            return LocalBoot()
+        try:
+            profile = self.store.get_profile(host.profile)
+        except NotFound:
+            log.error("host %s names missing profile %r: booting it locally", host.mac, host.profile)
+            return LocalBoot()
+        return NetBoot(
+            kernel=profile.kernel,
+            initrd=profile.initrd,
+            cmdline=" ".join(filter(None, [self._autoinstall_args(host, profile), profile.append])),
+        )
+
+    def default_spec(self) -> BootSpec:
+        name = self.config.boot.default_profile
+        if not name:
+            return LocalBoot()
+        try:
+            profile = self.store.get_profile(name)
+        except NotFound:
+            log.error("default profile %r does not exist: unknown hosts boot locally", name)
+            return LocalBoot()
+        return NetBoot(kernel=profile.kernel, initrd=profile.initrd, cmdline=profile.append)
+
+    def autoinstall_url(self, host: Host, kind: AutoinstallKind) -> str:
+        path = "ks" if kind is AutoinstallKind.KICKSTART else "preseed"
+        return f"{self.config.http_base_url}/{path}/{host.mac.dashed}"
+
+    def _autoinstall_args(self, host: Host, profile: Profile) -> str:
+        kind = self.autoinstall_kind(profile.autoinstall)
+        if kind is None:
+            if profile.autoinstall:
+                log.error("template %r of profile %r is in neither kickstarts/ nor preseeds/",
+                          profile.autoinstall, profile.name)
+            return ""
+        url = self.autoinstall_url(host, kind)
+        short = host.hostname.split(".", 1)[0]
+        if kind is AutoinstallKind.KICKSTART:
+            # Anaconda before RHEL 7 reads ks=, later ones only inst.ks=; each ignores the other.
+            return f"ks={url} inst.ks={url}"
+        domain = self.config.dns.domain
+        return f"auto=true priority=critical url={url} hostname={short} domain={domain}"
+
+    # -- pxelinux.cfg/ names --------------------------------------------------------------
+
+    def pxelinux_config(self, name: str, client_ip: str | None = None) -> BootSpec | None:
+        """The spec behind a ``pxelinux.cfg/`` file name, as pxelinux and pypxeboot ask them.
+
+        ``01-<mac>`` in any case of hex digits (pypxeboot asks with the MAC as typed); the
+        upper-case hex IP at full length, or any shorter prefix of the asking client's own
+        address; ``default``. None means "no such file" so the client tries its next name.
+        """
+        if name == "default":
+            return self.default_spec()
+        if name[:3].lower() == "01-" and len(name) == 20:
+            try:
+                mac = MacAddress.parse(name[3:])
+            except InvalidMac:
+                return None
+            host = self.store.find_host(mac)
+            return None if host is None else self.host_spec(host)
+        if 1 <= len(name) <= 8 and all(c in "0123456789ABCDEF" for c in name):
+            if len(name) == 8:
+                ip = str(ipaddress.IPv4Address(int(name, 16)))
+            elif client_ip and hex_ip(client_ip).startswith(name):
+                ip = client_ip
+            else:
+                return None
+            host = self.store.find_host_by_ip(ip)
+            return None if host is None else self.host_spec(host)
+        return None
+
+    # -- what happened --------------------------------------------------------------------
+
+    def record(self, mac: MacAddress, source: str, message: str) -> None:
+        """Add an entry to the host's provisioning timeline (batched, never blocks a service)."""
+        self.timeline.record(mac, source, message)
+
+    def advance(self, mac: MacAddress, status: Status) -> None:
+        """Move a netbooting host forward in its install (registered → netbooting → installing).
+
+        Called by the services when they serve a boot config or an autoinstall file; a host
+        that is not netbooting, or already further along, is left as it is.
+        """
+        host = self.store.find_host(mac)
+        if host is None or not host.netboot or host.status not in _LIFECYCLE:
+            return
+        if _LIFECYCLE.index(host.status) >= _LIFECYCLE.index(status):
+            return
+        self.store.update_host(replace(host, status=status))
+        self.timeline.record(mac, "policy", f"status {host.status.value} -> {status.value}")
+
+
+def hex_ip(ip: str) -> str:
+    """pxelinux's name for an IPv4 address: eight upper-case hex digits."""
+    return f"{int(ipaddress.IPv4Address(ip)):08X}"

@@ -1,0 +1,344 @@
+"""The SQLite registry store: the default, one file under the data directory.
+
+WAL mode lets the server's threads read while one writes and lets the CLI work beside a running
+server; ``synchronous=FULL`` makes each acknowledged write survive a crash or power loss. Each
+thread gets its own connection; every write is one ``BEGIN IMMEDIATE`` transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pxeserver.mac import MacAddress
+from pxeserver.registry.models import (
+    Conflict,
+    Event,
+    Host,
+    NotFound,
+    Profile,
+    Status,
+    ValidationError,
+    XenSettings,
+)
+from pxeserver.registry.store import Lease
+
+# Each entry upgrades the schema by one version; never edit a released entry, append a new one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('generation', 0);
+    CREATE TABLE profiles (
+        name TEXT PRIMARY KEY,
+        kernel TEXT NOT NULL,
+        initrd TEXT NOT NULL,
+        append TEXT NOT NULL DEFAULT '',
+        autoinstall TEXT NOT NULL DEFAULT '',
+        vars TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE TABLE hosts (
+        mac TEXT PRIMARY KEY,
+        hostname TEXT NOT NULL UNIQUE,
+        ip TEXT UNIQUE,
+        profile TEXT NOT NULL REFERENCES profiles(name),
+        netboot INTEGER NOT NULL DEFAULT 1,
+        status TEXT NOT NULL DEFAULT 'registered',
+        vars TEXT NOT NULL DEFAULT '{}',
+        xen TEXT NOT NULL DEFAULT '{}',
+        install_token TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX hosts_profile ON hosts(profile);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        mac TEXT NOT NULL,
+        time REAL NOT NULL,
+        source TEXT NOT NULL,
+        message TEXT NOT NULL
+    );
+    CREATE INDEX events_mac ON events(mac, id);
+    CREATE TABLE leases (
+        mac TEXT PRIMARY KEY,
+        ip TEXT NOT NULL UNIQUE,
+        expires REAL NOT NULL
+    );
+    """,
+]
+
+
+def _profile(row: sqlite3.Row) -> Profile:
+    return Profile(
+        name=row["name"],
+        kernel=row["kernel"],
+        initrd=row["initrd"],
+        append=row["append"],
+        autoinstall=row["autoinstall"],
+        vars=json.loads(row["vars"]),
+    )
+
+
+def _host(row: sqlite3.Row) -> Host:
+    return Host(
+        mac=MacAddress.parse(row["mac"]),
+        hostname=row["hostname"],
+        profile=row["profile"],
+        ip=row["ip"],
+        netboot=bool(row["netboot"]),
+        status=Status(row["status"]),
+        vars=json.loads(row["vars"]),
+        xen=XenSettings(**json.loads(row["xen"])),
+        install_token=row["install_token"],
+    )
+
+
+def _host_params(host: Host) -> dict[str, Any]:
+    return {
+        "mac": str(host.mac),
+        "hostname": host.hostname,
+        "ip": host.ip,
+        "profile": host.profile,
+        "netboot": int(host.netboot),
+        "status": host.status.value,
+        "vars": json.dumps(host.vars),
+        "xen": json.dumps(host.xen.to_dict()),
+        "install_token": host.install_token,
+    }
+
+
+def _unique_conflict(exc: sqlite3.IntegrityError, host: Host) -> Exception:
+    text = str(exc)
+    if "hosts.mac" in text:
+        return Conflict(f"a host with MAC {host.mac} already exists")
+    if "hosts.hostname" in text:
+        return Conflict(f"hostname {host.hostname!r} is already taken")
+    if "hosts.ip" in text:
+        return Conflict(f"IP address {host.ip} is already taken")
+    if "FOREIGN KEY" in text:
+        return ValidationError(f"unknown profile {host.profile!r}")
+    return Conflict(text)
+
+
+class SqliteStore:
+    """A :class:`~pxeserver.registry.store.Store` in one SQLite file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._migrate()
+
+    # -- connections and transactions ---------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+        conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise RuntimeError(
+                    f"{self.path} has schema version {version}, newer than this pxeserver knows"
+                )
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def generation(self) -> int:
+        row = self._connection().execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0])
+
+    # -- profiles -----------------------------------------------------------------------------
+
+    def add_profile(self, profile: Profile) -> None:
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    "INSERT INTO profiles (name, kernel, initrd, append, autoinstall, vars) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (profile.name, profile.kernel, profile.initrd, profile.append,
+                     profile.autoinstall, json.dumps(profile.vars)),
+                )
+        except sqlite3.IntegrityError:
+            raise Conflict(f"profile {profile.name!r} already exists") from None
+
+    def put_profile(self, profile: Profile) -> None:
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE profiles SET kernel = ?, initrd = ?, append = ?, autoinstall = ?, vars = ? "
+                "WHERE name = ?",
+                (profile.kernel, profile.initrd, profile.append, profile.autoinstall,
+                 json.dumps(profile.vars), profile.name),
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(f"no profile named {profile.name!r}")
+
+    def get_profile(self, name: str) -> Profile:
+        row = self._connection().execute("SELECT * FROM profiles WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no profile named {name!r}")
+        return _profile(row)
+
+    def list_profiles(self) -> list[Profile]:
+        rows = self._connection().execute("SELECT * FROM profiles ORDER BY name").fetchall()
+        return [_profile(row) for row in rows]
+
+    def delete_profile(self, name: str) -> None:
+        with self._write() as conn:
+            users = conn.execute(
+                "SELECT COUNT(*) FROM hosts WHERE profile = ?", (name,)
+            ).fetchone()[0]
+            if users:
+                raise Conflict(f"profile {name!r} is used by {users} host(s)")
+            if conn.execute("DELETE FROM profiles WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"no profile named {name!r}")
+
+    # -- hosts --------------------------------------------------------------------------------
+
+    def add_host(self, host: Host) -> None:
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    "INSERT INTO hosts (mac, hostname, ip, profile, netboot, status, vars, xen, "
+                    "install_token) VALUES (:mac, :hostname, :ip, :profile, :netboot, :status, "
+                    ":vars, :xen, :install_token)",
+                    _host_params(host),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise _unique_conflict(exc, host) from None
+
+    def update_host(self, host: Host) -> None:
+        try:
+            with self._write() as conn:
+                cursor = conn.execute(
+                    "UPDATE hosts SET hostname = :hostname, ip = :ip, profile = :profile, "
+                    "netboot = :netboot, status = :status, vars = :vars, xen = :xen, "
+                    "install_token = :install_token WHERE mac = :mac",
+                    _host_params(host),
+                )
+                if cursor.rowcount == 0:
+                    raise NotFound(f"no host with MAC {host.mac}")
+        except sqlite3.IntegrityError as exc:
+            raise _unique_conflict(exc, host) from None
+
+    def find_host(self, mac: MacAddress) -> Host | None:
+        row = self._connection().execute("SELECT * FROM hosts WHERE mac = ?", (str(mac),)).fetchone()
+        return None if row is None else _host(row)
+
+    def get_host(self, mac: MacAddress) -> Host:
+        host = self.find_host(mac)
+        if host is None:
+            raise NotFound(f"no host with MAC {mac}")
+        return host
+
+    def find_host_by_ip(self, ip: str) -> Host | None:
+        row = self._connection().execute("SELECT * FROM hosts WHERE ip = ?", (ip,)).fetchone()
+        return None if row is None else _host(row)
+
+    def list_hosts(self) -> list[Host]:
+        rows = self._connection().execute("SELECT * FROM hosts ORDER BY mac").fetchall()
+        return [_host(row) for row in rows]
+
+    def delete_host(self, mac: MacAddress) -> None:
+        with self._write() as conn:
+            if conn.execute("DELETE FROM hosts WHERE mac = ?", (str(mac),)).rowcount == 0:
+                raise NotFound(f"no host with MAC {mac}")
+            conn.execute("DELETE FROM events WHERE mac = ?", (str(mac),))
+            conn.execute("DELETE FROM leases WHERE mac = ?", (str(mac),))
+
+    def macs(self) -> set[MacAddress]:
+        rows = self._connection().execute("SELECT mac FROM hosts").fetchall()
+        return {MacAddress.parse(row[0]) for row in rows}
+
+    # -- events -------------------------------------------------------------------------------
+
+    def add_events(self, events: Iterable[Event]) -> None:
+        rows = [(str(e.mac), e.time, e.source, e.message) for e in events]
+        if not rows:
+            return
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT INTO events (mac, time, source, message) VALUES (?, ?, ?, ?)", rows
+            )
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def events(self, mac: MacAddress, limit: int = 1000) -> list[Event]:
+        rows = self._connection().execute(
+            "SELECT * FROM (SELECT * FROM events WHERE mac = ? ORDER BY id DESC LIMIT ?) "
+            "ORDER BY id",
+            (str(mac), limit),
+        ).fetchall()
+        return [Event(mac, row["time"], row["source"], row["message"]) for row in rows]
+
+    # -- leases -------------------------------------------------------------------------------
+
+    def find_lease(self, mac: MacAddress) -> Lease | None:
+        row = self._connection().execute("SELECT * FROM leases WHERE mac = ?", (str(mac),)).fetchone()
+        return None if row is None else Lease(mac, row["ip"], row["expires"])
+
+    def find_lease_by_ip(self, ip: str) -> Lease | None:
+        row = self._connection().execute("SELECT * FROM leases WHERE ip = ?", (ip,)).fetchone()
+        return None if row is None else Lease(MacAddress.parse(row["mac"]), ip, row["expires"])
+
+    def put_lease(self, lease: Lease) -> None:
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    "INSERT INTO leases (mac, ip, expires) VALUES (?, ?, ?) ON CONFLICT(mac) "
+                    "DO UPDATE SET ip = excluded.ip, expires = excluded.expires",
+                    (str(lease.mac), lease.ip, lease.expires),
+                )
+        except sqlite3.IntegrityError:
+            raise Conflict(f"IP address {lease.ip} is leased to another MAC") from None
+
+    def delete_lease(self, mac: MacAddress) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM leases WHERE mac = ?", (str(mac),))
+
+    def list_leases(self) -> list[Lease]:
+        rows = self._connection().execute("SELECT * FROM leases ORDER BY ip").fetchall()
+        return [Lease(MacAddress.parse(r["mac"]), r["ip"], r["expires"]) for r in rows]
+

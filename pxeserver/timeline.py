@@ -1,0 +1,73 @@
+"""Each host's provisioning timeline, written in batches off the services' hot paths.
+
+A TFTP or DHCP service records an event per transfer or packet; writing each one as its own
+durable transaction would put a disk flush on every boot step. Events go into a queue instead,
+and one writer thread stores whatever has gathered in one transaction. Readers flush first,
+so a timeline read right after a boot step shows it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from pxeserver.mac import MacAddress
+from pxeserver.registry import Event, Store
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000
+
+
+class Timeline:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._queue: queue.Queue[Event | threading.Event | None] = queue.Queue(maxsize=100_000)
+        self._writer = threading.Thread(target=self._run, name="timeline", daemon=True)
+        self._writer.start()
+
+    def record(self, mac: MacAddress, source: str, message: str) -> None:
+        try:
+            self._queue.put_nowait(Event(mac, time.time(), source, message))
+        except queue.Full:
+            log.warning("timeline queue full: dropped %s event for %s", source, mac)
+
+    def flush(self) -> None:
+        """Return once every event recorded before the call is stored."""
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait(timeout=10)
+
+    def events(self, mac: MacAddress) -> list[Event]:
+        self.flush()
+        return self.store.events(mac)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._writer.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            batch: list[Event] = []
+            waiters: list[threading.Event] = []
+            item = self._queue.get()
+            stop = item is None
+            while item is not None:
+                (batch if isinstance(item, Event) else waiters).append(item)  # type: ignore[arg-type]
+                if len(batch) >= MAX_BATCH:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                stop = stop or item is None
+            try:
+                self.store.add_events(batch)
+            except Exception:  # a failing disk must not kill the writer
+                log.exception("could not store %d timeline events", len(batch))
+            for waiter in waiters:
+                waiter.set()
+            if stop:
+                return
