@@ -1,0 +1,168 @@
+"""The JSON API under /api: profiles, hosts, their timelines and the install-complete callback.
+
+Handlers are thin: they parse the request into plain data and hand it to
+:class:`~pxeserver.provisioning.Provisioning`, which validates and stores it; errors from
+there map to 400 (bad input), 404 (unknown), 409 (conflict) and 403 (wrong token).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from pxeserver.app import Context
+from pxeserver.mac import InvalidMac, MacAddress
+from pxeserver.provisioning import InvalidToken
+from pxeserver.registry import Conflict, NotFound, ValidationError
+
+blueprint = Blueprint("api", __name__, url_prefix="/api")
+
+WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+def _context() -> Context:
+    return current_app.extensions["pxeserver"]
+
+
+def _error(status: int, message: str) -> tuple[Response, int]:
+    return jsonify(error=message), status
+
+
+@blueprint.errorhandler(ValidationError)
+@blueprint.errorhandler(InvalidMac)
+def _bad_input(exc: Exception) -> tuple[Response, int]:
+    return _error(400, str(exc))
+
+
+@blueprint.errorhandler(NotFound)
+def _not_found(exc: NotFound) -> tuple[Response, int]:
+    return _error(404, str(exc.args[0]) if exc.args else "not found")
+
+
+@blueprint.errorhandler(Conflict)
+def _conflict(exc: Conflict) -> tuple[Response, int]:
+    return _error(409, str(exc))
+
+
+@blueprint.errorhandler(InvalidToken)
+def _forbidden(exc: InvalidToken) -> tuple[Response, int]:
+    return _error(403, str(exc))
+
+
+@blueprint.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> tuple[Response, int]:
+    return _error(exc.code or 500, exc.description or exc.name)
+
+
+def _admin_authorized() -> bool:
+    token = _context().config.api.token
+    if not token:
+        return True
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip(), token)
+
+
+@blueprint.before_request
+def _require_token() -> tuple[Response, int] | None:
+    if request.method not in WRITE_METHODS or _admin_authorized():
+        return None
+    if request.endpoint == "api.install_done":
+        return None  # authorised by the per-install token instead
+    return _error(401, "this API write needs 'Authorization: Bearer <token>'")
+
+
+def _body() -> Any:
+    data = request.get_json(silent=True)
+    if data is None:
+        raise ValidationError("the request body must be JSON (Content-Type: application/json)")
+    return data
+
+
+def _mac(text: str) -> MacAddress:
+    return MacAddress.parse(text)
+
+
+# -- profiles -------------------------------------------------------------------------------
+
+@blueprint.get("/profiles")
+def list_profiles() -> Response:
+    return jsonify([p.to_dict() for p in _context().store.list_profiles()])
+
+
+@blueprint.post("/profiles")
+def add_profile() -> tuple[Response, int]:
+    profile = _context().provisioning.add_profile(_body())
+    return jsonify(profile.to_dict()), 201
+
+
+@blueprint.get("/profiles/<name>")
+def show_profile(name: str) -> Response:
+    return jsonify(_context().store.get_profile(name).to_dict())
+
+
+@blueprint.put("/profiles/<name>")
+def replace_profile(name: str) -> Response:
+    return jsonify(_context().provisioning.replace_profile(name, _body()).to_dict())
+
+
+@blueprint.delete("/profiles/<name>")
+def delete_profile(name: str) -> tuple[str, int]:
+    _context().provisioning.delete_profile(name)
+    return "", 204
+
+
+# -- hosts ----------------------------------------------------------------------------------
+
+@blueprint.get("/hosts")
+def list_hosts() -> Response:
+    return jsonify([h.to_dict() for h in _context().store.list_hosts()])
+
+
+@blueprint.post("/hosts")
+def add_host() -> tuple[Response, int]:
+    host = _context().provisioning.add_host(_body())
+    return jsonify(host.to_dict()), 201
+
+
+@blueprint.get("/hosts/<mac>")
+def show_host(mac: str) -> Response:
+    return jsonify(_context().store.get_host(_mac(mac)).to_dict())
+
+
+@blueprint.patch("/hosts/<mac>")
+def update_host(mac: str) -> Response:
+    return jsonify(_context().provisioning.update_host(_mac(mac), _body()).to_dict())
+
+
+@blueprint.delete("/hosts/<mac>")
+def delete_host(mac: str) -> tuple[str, int]:
+    _context().provisioning.delete_host(_mac(mac))
+    return "", 204
+
+
+@blueprint.post("/hosts/<mac>/installed")
+def install_done(mac: str) -> Response:
+    """The installer's callback; the per-install token comes as ``?token=`` or in a JSON body.
+
+    An administrator holding the configured API token may also mark a host installed.
+    """
+    context = _context()
+    host_mac = _mac(mac)
+    body = request.get_json(silent=True)
+    token = request.args.get("token") or (body.get("token") if isinstance(body, dict) else None)
+    if not token and context.config.api.token and _admin_authorized():
+        token = context.store.get_host(host_mac).install_token
+    if not isinstance(token, str) or not token:
+        raise InvalidToken("the install-complete call needs the host's install token")
+    return jsonify(context.provisioning.install_done(host_mac, token).to_dict())
+
+
+@blueprint.get("/hosts/<mac>/events")
+def host_events(mac: str) -> Response:
+    context = _context()
+    host = context.store.get_host(_mac(mac))
+    return jsonify([e.to_dict() for e in context.timeline.events(host.mac)])
