@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -41,6 +42,15 @@ class LocalBoot:
 BootSpec = NetBoot | LocalBoot
 
 
+@dataclass(frozen=True)
+class NameRecord:
+    """A host's name and address for DNS; ``expires`` is set when the address is a lease."""
+
+    hostname: str
+    ip: str
+    expires: float | None = None
+
+
 class AutoinstallKind(str, Enum):
     KICKSTART = "kickstart"
     PRESEED = "preseed"
@@ -63,6 +73,15 @@ class BootPolicy:
 
     def host_by_ip(self, ip: str) -> Host | None:
         return self.store.find_host_by_ip(ip)
+
+    def name_records(self) -> list[NameRecord]:
+        """Every host with an address: its registered IP, else its current DHCP lease."""
+        rows = self.store.host_addresses(time.time())
+        return [NameRecord(hostname, ip, expires) for hostname, ip, expires in rows]
+
+    def generation(self) -> int:
+        """Increases on every registry change: the DNS SOA serial and a cheap "changed?" check."""
+        return self.store.generation()
 
     def autoinstall_kind(self, template: str) -> AutoinstallKind | None:
         """Which directory holds the template decides kickstart or preseed."""

@@ -342,3 +342,11 @@ class SqliteStore:
         rows = self._connection().execute("SELECT * FROM leases ORDER BY ip").fetchall()
         return [Lease(MacAddress.parse(r["mac"]), r["ip"], r["expires"]) for r in rows]
 
+    def host_addresses(self, now: float) -> list[tuple[str, str, float | None]]:
+        rows = self._connection().execute(
+            "SELECT h.hostname, COALESCE(h.ip, l.ip), CASE WHEN h.ip IS NULL THEN l.expires END "
+            "FROM hosts h LEFT JOIN leases l ON l.mac = h.mac "
+            "WHERE h.ip IS NOT NULL OR l.expires > ?",
+            (now,),
+        ).fetchall()
+        return [(row[0], row[1], row[2]) for row in rows]
