@@ -156,7 +156,7 @@ def _apply(section: Any, values: dict[str, Any], where: str) -> None:
         setattr(section, key, value)
 
 
-def _validate(config: Config) -> None:
+def validate(config: Config) -> None:
     for name in ("tftp", "http", "dhcp", "dns"):
         port = getattr(config, name).port
         if not 0 <= port <= 65535:
@@ -191,5 +191,5 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
             _apply(getattr(config, key), values, f"{file} [{key}]")
         config.base_dir = file.resolve().parent
         config.source = str(file)
-    _validate(config)
+    validate(config)
     return config

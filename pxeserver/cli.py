@@ -1,0 +1,267 @@
+"""The ``pxeserver`` command line (click): serve, profile, host and domu-config.
+
+Every change goes through :class:`~pxeserver.provisioning.Provisioning`, the same code the API
+uses, so the CLI accepts and refuses exactly what the API does. Bad input exits with status 1
+and one line on stderr, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pxeserver import app, config as config_module, domu
+from pxeserver.mac import InvalidMac, MacAddress
+from pxeserver.provisioning import InvalidToken
+from pxeserver.registry import Conflict, NotFound, ValidationError
+from pxeserver.registry.models import XenSettings
+
+USER_ERRORS = (ValidationError, InvalidMac, NotFound, Conflict, InvalidToken, config_module.ConfigError)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"pxeserver: error: {message}", err=True)
+    sys.exit(1)
+
+
+def _load_config(ctx: click.Context) -> config_module.Config:
+    options = ctx.find_root().params
+    try:
+        cfg = config_module.load(options.get("config_file"))
+    except config_module.ConfigError as exc:
+        _fail(str(exc))
+    if options.get("data_dir"):
+        cfg.server.data_dir = str(Path(options["data_dir"]).resolve())
+    return cfg
+
+
+@contextmanager
+def _context(ctx: click.Context) -> Iterator[app.Context]:
+    context = app.build(_load_config(ctx))
+    try:
+        yield context
+    except USER_ERRORS as exc:
+        _fail(str(exc.args[0]) if isinstance(exc, NotFound) and exc.args else str(exc))
+    finally:
+        context.close()
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _print_table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(str(v)) for v in column) for column in zip(headers, *rows)]
+    for row in [headers, *rows]:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def _parse_vars(values: tuple[str, ...]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--var")
+        result[key] = value
+    return result
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML configuration file.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Directory of the registry database.")
+def cli(config_file: str | None, data_dir: str | None) -> None:
+    """Network provisioning server for Xen domUs."""
+
+
+@cli.command()
+@click.option("--address", help="Address clients are told (next-server, URLs).")
+@click.option("--tftp-port", type=int)
+@click.option("--http-port", type=int)
+@click.option("--dns-port", type=int)
+@click.option("--tftp/--no-tftp", "tftp_enabled", default=None)
+@click.option("--http/--no-http", "http_enabled", default=None)
+@click.option("--dhcp/--no-dhcp", "dhcp_enabled", default=None)
+@click.option("--dns/--no-dns", "dns_enabled", default=None)
+@click.pass_context
+def serve(ctx: click.Context, address: str | None, tftp_port: int | None, http_port: int | None,
+          dns_port: int | None, **enabled: bool | None) -> None:
+    """Run every enabled service until SIGINT or SIGTERM."""
+    from pxeserver import serve as serve_module
+
+    cfg = _load_config(ctx)
+    if address:
+        cfg.server.address = address
+    for section, port in (("tftp", tftp_port), ("http", http_port), ("dns", dns_port)):
+        if port is not None:
+            getattr(cfg, section).port = port
+    for key, value in enabled.items():
+        if value is not None:
+            getattr(cfg, key.removesuffix("_enabled")).enabled = value
+    try:
+        config_module.validate(cfg)
+    except config_module.ConfigError as exc:
+        _fail(str(exc))
+    sys.exit(serve_module.run(cfg))
+
+
+# -- profiles -------------------------------------------------------------------------------
+
+@cli.group()
+def profile() -> None:
+    """Installer profiles: kernel, initrd, arguments, autoinstall template."""
+
+
+@profile.command("add")
+@click.argument("name")
+@click.option("--kernel", required=True, help="Kernel path relative to the TFTP root.")
+@click.option("--initrd", required=True, help="Initrd path relative to the TFTP root.")
+@click.option("--append", default="", help="Extra kernel arguments (key=value words).")
+@click.option("--autoinstall", default="", help="Template file name from kickstarts/ or preseeds/.")
+@click.option("--var", "variables", multiple=True, help="Template variable KEY=VALUE (repeatable).")
+@click.pass_context
+def profile_add(ctx: click.Context, name: str, kernel: str, initrd: str, append: str,
+                autoinstall: str, variables: tuple[str, ...]) -> None:
+    """Add a profile."""
+    with _context(ctx) as context:
+        added = context.provisioning.add_profile({
+            "name": name, "kernel": kernel, "initrd": initrd, "append": append,
+            "autoinstall": autoinstall, "vars": _parse_vars(variables),
+        })
+        click.echo(f"added profile {added.name}")
+
+
+@profile.command("list")
+@click.pass_context
+def profile_list(ctx: click.Context) -> None:
+    """List profiles."""
+    with _context(ctx) as context:
+        rows = [[p.name, p.kernel, p.initrd, p.autoinstall or "-"] for p in context.store.list_profiles()]
+        _print_table(rows, ["NAME", "KERNEL", "INITRD", "AUTOINSTALL"])
+
+
+@profile.command("show")
+@click.argument("name")
+@click.pass_context
+def profile_show(ctx: click.Context, name: str) -> None:
+    """Show one profile as JSON."""
+    with _context(ctx) as context:
+        _print_json(context.store.get_profile(name).to_dict())
+
+
+@profile.command("rm")
+@click.argument("name")
+@click.pass_context
+def profile_rm(ctx: click.Context, name: str) -> None:
+    """Remove a profile no host uses."""
+    with _context(ctx) as context:
+        context.provisioning.delete_profile(name)
+        click.echo(f"removed profile {name}")
+
+
+# -- hosts ----------------------------------------------------------------------------------
+
+@cli.group()
+def host() -> None:
+    """Hosts: a MAC, a hostname and the profile it installs."""
+
+
+def _with_mac(action: Callable[..., None]) -> Callable[..., None]:
+    return click.argument("mac")(action)
+
+
+@host.command("add")
+@click.option("--mac", help="MAC address; without it a free 00:16:3e address is generated.")
+@click.option("--hostname", required=True)
+@click.option("--profile", "profile_name", required=True)
+@click.option("--ip", help="Reserved IPv4 address.")
+@click.option("--var", "variables", multiple=True, help="Template variable KEY=VALUE (repeatable).")
+@click.option("--memory", type=int, help="domU memory in MB.")
+@click.option("--vcpus", type=int)
+@click.option("--bridge")
+@click.option("--disk", help="xl disk spec.")
+@click.pass_context
+def host_add(ctx: click.Context, mac: str | None, hostname: str, profile_name: str, ip: str | None,
+             variables: tuple[str, ...], **xen: Any) -> None:
+    """Register a host; prints its MAC."""
+    data: dict[str, Any] = {"hostname": hostname, "profile": profile_name,
+                            "vars": _parse_vars(variables),
+                            "xen": {k: v for k, v in xen.items() if v is not None}}
+    if mac is not None:
+        data["mac"] = mac
+    if ip:
+        data["ip"] = ip
+    with _context(ctx) as context:
+        added = context.provisioning.add_host(data)
+        click.echo(str(added.mac))
+
+
+@host.command("list")
+@click.pass_context
+def host_list(ctx: click.Context) -> None:
+    """List hosts."""
+    with _context(ctx) as context:
+        rows = [[str(h.mac), h.hostname, h.ip or "-", h.profile, "on" if h.netboot else "off",
+                 h.status.value] for h in context.store.list_hosts()]
+        _print_table(rows, ["MAC", "HOSTNAME", "IP", "PROFILE", "NETBOOT", "STATUS"])
+
+
+@host.command("show")
+@_with_mac
+@click.pass_context
+def host_show(ctx: click.Context, mac: str) -> None:
+    """Show one host as JSON."""
+    with _context(ctx) as context:
+        _print_json(context.store.get_host(MacAddress.parse(mac)).to_dict())
+
+
+@host.command("rm")
+@_with_mac
+@click.pass_context
+def host_rm(ctx: click.Context, mac: str) -> None:
+    """Remove a host and its boot config."""
+    with _context(ctx) as context:
+        parsed = MacAddress.parse(mac)
+        context.provisioning.delete_host(parsed)
+        click.echo(f"removed host {parsed}")
+
+
+@host.command("netboot")
+@_with_mac
+@click.argument("state", type=click.Choice(["on", "off"]))
+@click.pass_context
+def host_netboot(ctx: click.Context, mac: str, state: str) -> None:
+    """Turn network booting on (a new install) or off (boot locally)."""
+    with _context(ctx) as context:
+        updated = context.provisioning.set_netboot(MacAddress.parse(mac), state == "on")
+        click.echo(f"{updated.mac}: netboot {state}, status {updated.status.value}")
+
+
+@cli.command("domu-config")
+@_with_mac
+@click.option("--bridge")
+@click.option("--disk", help="xl disk spec, e.g. 'phy:/dev/vg/web1,xvda,w'.")
+@click.option("--memory", type=int, help="Memory in MB.")
+@click.option("--vcpus", type=int)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
+@click.pass_context
+def domu_config(ctx: click.Context, mac: str, output: str | None, **overrides: Any) -> None:
+    """Write the xl config that boots this host through pypxeboot."""
+    with _context(ctx) as context:
+        found = context.store.get_host(MacAddress.parse(mac))
+        xen = XenSettings.from_input({k: v for k, v in overrides.items() if v is not None}, found.xen)
+        text = domu.render(found, bridge=xen.bridge, disk=xen.disk, memory=xen.memory, vcpus=xen.vcpus)
+        if output:
+            Path(output).write_text(text)
+            click.echo(f"wrote {output}")
+        else:
+            click.echo(text, nl=False)
+
+
+def main() -> None:
+    cli(prog_name="pxeserver")

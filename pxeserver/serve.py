@@ -1,0 +1,111 @@
+"""``pxeserver serve``: every enabled service in one process until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+from pxeserver import app
+from pxeserver.app import Context
+from pxeserver.config import Config
+from pxeserver.service import Service
+
+log = logging.getLogger("pxeserver")
+
+
+def _tftp(context: Context) -> Service:
+    from pxeserver.tftp import TftpService
+
+    return TftpService(context)
+
+
+def _http(context: Context) -> Service:
+    from pxeserver.web.server import HttpService
+
+    return HttpService(context)
+
+
+def _dhcp(context: Context) -> Service:
+    from pxeserver.dhcp import DhcpService
+
+    return DhcpService(context)
+
+
+def _dns(context: Context) -> Service:
+    from pxeserver.dns import DnsService
+
+    return DnsService(context)
+
+
+# Start order: name service and file services first, DHCP (which points clients at them) last.
+FACTORIES: list[tuple[str, Callable[[Context], Service]]] = [
+    ("dns", _dns), ("tftp", _tftp), ("http", _http), ("dhcp", _dhcp),
+]
+
+
+def _api_exposed(config: Config) -> bool:
+    try:
+        return not ipaddress.ip_address(config.http.address).is_loopback
+    except ValueError:
+        return True
+
+
+def run(config: Config) -> int:
+    """Start the enabled services, print where they listen, and wait for a signal."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    context = app.build(config)
+    context.writer.write_default()
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    started: list[Service] = []
+    try:
+        for name, factory in FACTORIES:
+            if getattr(config, name).enabled:
+                service = factory(context)
+                service.start()
+                started.append(service)
+    except OSError as exc:
+        print(f"pxeserver: cannot start {name}: {exc}", file=sys.stderr)
+        _stop_all(started, context)
+        return 1
+    _banner(config, started)
+    stop.wait()
+    print("pxeserver: stopping", file=sys.stderr)
+    _stop_all(started, context)
+    return 0
+
+
+def _stop_all(services: list[Service], context: Context) -> None:
+    for service in reversed(services):
+        try:
+            service.stop()
+        except Exception:
+            log.exception("stopping %s failed", service.name)
+    context.close()
+
+
+def _banner(config: Config, services: list[Service]) -> None:
+    print(f"pxeserver: configuration from {config.source}", flush=True)
+    print(f"pxeserver: registry {config.database}", flush=True)
+    print(f"pxeserver: TFTP root {config.tftp_root}", flush=True)
+    print(f"pxeserver: clients are told this server is {config.advertised_address}", flush=True)
+    for service in services:
+        for endpoint in service.endpoints():
+            print(f"pxeserver: {service.name} listening on {endpoint}", flush=True)
+    if not config.api.token and config.http.enabled and _api_exposed(config):
+        print(
+            "pxeserver: WARNING: the API accepts writes from anyone who can reach "
+            f"{config.http.address}:{config.http.port}; set [api] token in pxeserver.toml",
+            flush=True,
+        )
+    print(
+        "pxeserver: next: pxeserver profile add NAME --kernel images/NAME/linux --initrd "
+        "images/NAME/initrd.gz --autoinstall debian-xen.cfg; pxeserver host add --hostname web1 "
+        f"--profile NAME; curl {config.http_base_url}/api/hosts",
+        flush=True,
+    )

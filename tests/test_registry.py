@@ -1,0 +1,146 @@
+"""The registry: canonical MACs, validation, storage and its durability."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from pxeserver.mac import InvalidMac, MacAddress
+from pxeserver.registry import Conflict, Host, NotFound, Profile, SqliteStore, ValidationError
+from pxeserver.registry.sqlite import MIGRATIONS
+
+
+@pytest.mark.parametrize("text", [
+    "00:16:3e:aa:bb:cc", "00:16:3E:AA:BB:CC", "00-16-3e-aa-bb-cc", "00163eaabbcc", " 00163EAABBCC ",
+])
+def test_every_accepted_spelling_is_one_mac(text: str) -> None:
+    mac = MacAddress.parse(text)
+    assert str(mac) == "00:16:3e:aa:bb:cc"
+    assert mac.pxelinux_name == "01-00-16-3e-aa-bb-cc"
+    assert mac == MacAddress.parse("00:16:3e:aa:bb:cc")
+
+
+@pytest.mark.parametrize("text", [
+    "", "00:16:3e:aa:bb", "00:16:3e:aa:bb:cc:dd", "00:16-3e:aa:bb:cc", "00:16:3e:aa:bb:cg",
+    "0:16:3e:aa:bb:cc", "00163eaabbc", "00.16.3e.aa.bb.cc", "00:16:3e:aa\n:bb:cc", 42, None,
+])
+def test_malformed_macs_are_refused_with_the_reason(text: object) -> None:
+    with pytest.raises(InvalidMac, match="MAC address"):
+        MacAddress.parse(text)
+
+
+def test_generated_macs_are_xen_and_avoid_taken_ones() -> None:
+    taken: set[MacAddress] = set()
+    for _ in range(2000):
+        mac = MacAddress.random_xen(taken)
+        assert mac.is_xen and mac not in taken
+        assert mac.packed[3] < 0x80
+        taken.add(mac)
+
+
+def _profile(name: str = "deb") -> Profile:
+    return Profile.from_input({"name": name, "kernel": "images/deb/linux", "initrd": "images/deb/initrd.gz"})
+
+
+def _host(mac: str, hostname: str, ip: str | None = None) -> Host:
+    data = {"hostname": hostname, "profile": "deb"}
+    if ip:
+        data["ip"] = ip
+    return Host.from_input(data, mac=MacAddress.parse(mac))
+
+
+def test_uniqueness_is_on_the_canonical_mac_hostname_and_ip(tmp_path) -> None:
+    store = SqliteStore(tmp_path / "r.db")
+    store.add_profile(_profile())
+    store.add_host(_host("00:16:3E:AA:BB:CC", "web1", "10.0.0.5"))
+    with pytest.raises(Conflict, match="MAC"):
+        store.add_host(_host("00-16-3e-aa-bb-cc", "web2"))
+    with pytest.raises(Conflict, match="hostname"):
+        store.add_host(_host("00:16:3e:00:00:01", "web1"))
+    with pytest.raises(Conflict, match="IP"):
+        store.add_host(_host("00:16:3e:00:00:02", "web3", "10.0.0.5"))
+    assert [str(h.mac) for h in store.list_hosts()] == ["00:16:3e:aa:bb:cc"]
+
+
+def test_a_profile_in_use_cannot_be_deleted(tmp_path) -> None:
+    store = SqliteStore(tmp_path / "r.db")
+    store.add_profile(_profile())
+    store.add_host(_host("00:16:3e:aa:bb:cc", "web1"))
+    with pytest.raises(Conflict, match="used by 1 host"):
+        store.delete_profile("deb")
+    store.delete_host(MacAddress.parse("00:16:3e:aa:bb:cc"))
+    store.delete_profile("deb")
+    with pytest.raises(NotFound):
+        store.get_profile("deb")
+
+
+def test_generation_increases_on_each_change_only(tmp_path) -> None:
+    store = SqliteStore(tmp_path / "r.db")
+    first = store.generation()
+    store.add_profile(_profile())
+    assert store.generation() == first + 1
+    with pytest.raises(Conflict):
+        store.add_profile(_profile())
+    assert store.generation() == first + 1, "a refused write changed the generation"
+
+
+def test_schema_is_versioned_and_reopening_keeps_data(tmp_path) -> None:
+    path = tmp_path / "r.db"
+    store = SqliteStore(path)
+    store.add_profile(_profile())
+    store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert SqliteStore(path).get_profile("deb").kernel == "images/deb/linux"
+
+
+def test_a_newer_schema_is_refused_not_damaged(tmp_path) -> None:
+    path = tmp_path / "r.db"
+    SqliteStore(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 5}")
+    with pytest.raises(RuntimeError, match="newer"):
+        SqliteStore(path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hostname", "web 1", "hostname"),
+    ("hostname", "web1\nevil", "line break"),
+    ("hostname", "-web", "hostname"),
+    ("hostname", "a" * 64, "hostname"),
+    ("hostname", 7, "must be a string"),
+    ("ip", "10.0.0.256", "IPv4"),
+    ("ip", "255.255.255.255", "cannot be given"),
+    ("ip", 10, "must be a string"),
+    ("netboot", "yes", "true or false"),
+    ("vars", [1], "object"),
+    ("vars", {"bad-name": 1}, "variable name"),
+    ("xen", {"memory": "lots"}, "xen.memory"),
+    ("xen", {"bridge": "br0; rm -rf /"}, "xen.bridge"),
+    ("profile", "../x", "profile name"),
+    ("color", "blue", "unknown host field"),
+])
+def test_host_field_validation(field: str, value: object, message: str) -> None:
+    data = {"hostname": "web1", "profile": "deb", field: value}
+    with pytest.raises(ValidationError, match=message):
+        Host.from_input(data, mac=MacAddress.parse("00:16:3e:aa:bb:cc"))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("kernel", "../../etc/passwd", "relative to the TFTP root"),
+    ("kernel", "/boot/vmlinuz", "relative to the TFTP root"),
+    ("initrd", "a b", "no spaces"),
+    ("autoinstall", "../../etc/passwd", "not a path"),
+    ("autoinstall", "sub/dir.ks", "not a path"),
+    ("append", "quiet", "exactly one key=value"),
+    ("append", "repo=http://x/?a=b", "exactly one key=value"),
+    ("append", "initrd=other.gz", "must not set 'initrd'"),
+    ("append", "ks=http://x/ks", "must not set 'ks'"),
+    ("name", "a/b", "profile name"),
+])
+def test_profile_field_validation(field: str, value: object, message: str) -> None:
+    data = {"name": "deb", "kernel": "images/deb/linux", "initrd": "images/deb/initrd.gz", field: value}
+    with pytest.raises(ValidationError, match=message):
+        Profile.from_input(data)
