@@ -46,6 +46,10 @@ class TftpSection:
     port: int = 69
     max_sessions: int = 4096
     max_sessions_per_client: int = 64
+    timeout: int = 1  # seconds before a block is resent, unless the client asks (RFC 2349)
+    retries: int = 5  # resends of one block before the transfer is abandoned
+    max_blksize: int = 65464  # larger requests are answered with this (RFC 2348)
+    max_windowsize: int = 64  # larger requests are answered with this (RFC 7440)
 
 
 @dataclass
