@@ -1,0 +1,116 @@
+"""What a requested TFTP name refers to: a boot config from the policy, or a file in the root.
+
+``pxelinux.cfg/<name>`` is answered by the boot policy first (so servers sharing a registry
+agree), then by an admin-provided file on disk. Everything else is a regular file under the
+TFTP root, contained by its *real* path: the name is resolved with every symlink followed and
+must still lie inside the root's real path. As with tftp-hpa, only world-readable files are
+published: a server running as root would otherwise hand out a file its admin made private. Small files are read whole (one syscall), large
+ones memory-mapped, so a block is a slice and 300 clients of one initrd share the page cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from pxeserver import pxelinux
+from pxeserver.policy import PXELINUX_DIR, BootPolicy
+from pxeserver.tftp.packets import ErrorCode, TftpError, netascii
+
+READ_WHOLE_LIMIT = 1 << 20  # smaller files are read into memory, larger ones mapped
+NETASCII_LIMIT = 16 << 20  # netascii is converted in memory; nobody boots a kernel in it
+
+
+@dataclass
+class Source:
+    """The bytes of one transfer and where they came from."""
+
+    name: str  # the normalised name, as recorded in events
+    data: bytes | mmap.mmap
+    from_policy: bool = False  # a boot config the policy generated for this name
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def close(self) -> None:
+        if isinstance(self.data, mmap.mmap):
+            self.data.close()
+
+
+def normalise(filename: str) -> str:
+    """The root-relative name a client means.
+
+    Quirks: Windows-derived PXE clients send ``\\`` as separator; iPXE and GRUB often send a
+    leading ``/`` meaning the TFTP root (as tftp-hpa's ``-s`` and dnsmasq treat it). A ``..``
+    component is refused outright, whether or not it would stay inside the root.
+    """
+    parts = [part for part in filename.replace("\\", "/").split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise TftpError(ErrorCode.ACCESS_VIOLATION, "'..' is not allowed in file names")
+    if not parts:
+        raise TftpError(ErrorCode.FILE_NOT_FOUND, "empty file name")
+    return "/".join(parts)
+
+
+class Resolver:
+    def __init__(self, root: Path, policy: BootPolicy) -> None:
+        self.root = root
+        self.policy = policy
+
+    def open(self, filename: str, client_ip: str, mode: str) -> Source:
+        name = normalise(filename)
+        source = self._boot_config(name, client_ip) or self._file(name)
+        if mode == "netascii":
+            if source.size > NETASCII_LIMIT:
+                source.close()
+                raise TftpError(ErrorCode.NOT_DEFINED, "file too large for netascii; use octet mode")
+            converted = netascii(bytes(source.data))
+            source.close()
+            source = Source(source.name, converted, source.from_policy)
+        return source
+
+    def _boot_config(self, name: str, client_ip: str) -> Source | None:
+        config_name = name[len(PXELINUX_DIR):] if name.startswith(PXELINUX_DIR) else ""
+        if not config_name or "/" in config_name:
+            return None
+        spec = self.policy.pxelinux_config(config_name, client_ip)
+        if spec is None:
+            return None
+        return Source(name, pxelinux.render(spec).encode(), from_policy=True)
+
+    def _file(self, name: str) -> Source:
+        root = os.path.realpath(self.root)
+        path = os.path.realpath(os.path.join(root, name))
+        if os.path.commonpath([root, path]) != root:
+            raise TftpError(ErrorCode.ACCESS_VIOLATION, "path leads outside the TFTP root")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise TftpError(ErrorCode.FILE_NOT_FOUND) from None
+        except PermissionError:
+            raise TftpError(ErrorCode.ACCESS_VIOLATION, "permission denied") from None
+        except OSError as exc:  # ELOOP (a symlink swapped in), ENAMETOOLONG, ENOTDIR, ...
+            code = ErrorCode.FILE_NOT_FOUND if exc.errno == errno.ENOTDIR else ErrorCode.ACCESS_VIOLATION
+            raise TftpError(code, os.strerror(exc.errno or 0)) from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise TftpError(ErrorCode.FILE_NOT_FOUND, "not a regular file")
+            if not info.st_mode & stat.S_IROTH:
+                raise TftpError(ErrorCode.ACCESS_VIOLATION, "file is not world-readable")
+            if info.st_size == 0:
+                data: bytes | mmap.mmap = b""
+            elif info.st_size <= READ_WHOLE_LIMIT:
+                data = os.pread(fd, info.st_size, 0)
+            else:
+                data = mmap.mmap(fd, info.st_size, prot=mmap.PROT_READ)
+        except PermissionError:
+            raise TftpError(ErrorCode.ACCESS_VIOLATION, "permission denied") from None
+        finally:
+            os.close(fd)
+        return Source(name, data)

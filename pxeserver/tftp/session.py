@@ -1,0 +1,140 @@
+"""One read transfer: its own socket (the server's TID), the agreed options, retry state, stats.
+
+Like fbtftp, each transfer is an explicit object the event loop drives with "a packet came"
+and "your deadline passed", so every transfer's progress, retries and counters are visible
+and a misbehaving client can only ever affect its own session.
+
+Block numbers are kept absolute (1, 2, ... past 65535) and put on the wire modulo 65536, so
+they roll over to 0 as every common client expects (pypxeboot's tftpy, pxelinux, iPXE).
+The server retransmits only when its deadline passes, never because of a duplicate ACK: that
+is the Sorcerer's Apprentice bug of RFC 1350, which doubles the traffic on every delay.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+from pxeserver.tftp.files import Source
+from pxeserver.tftp.packets import ACK, DATA, ERROR, HEADER, ErrorCode, Negotiated, encode_error, encode_oack
+
+
+@dataclass
+class Stats:
+    started: float
+    finished: float = 0.0
+    packets_sent: int = 0
+    retransmits: int = 0
+    timeouts: int = 0
+    wrong_tid: int = 0
+
+
+class Session:
+    def __init__(self, sock: socket.socket, peer: tuple[str, int], source: Source,
+                 options: Negotiated, timeout: float, retries: int) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.source = source
+        self.blksize = options.blksize
+        self.windowsize = options.windowsize
+        self.timeout = float(options.timeout or timeout)
+        self.max_retries = retries
+        self.oack = encode_oack(options.oack) if options.oack else b""
+        self.total_blocks = source.size // self.blksize + 1  # the last block is short, maybe empty
+        self.acked = 0  # highest block the client confirmed (absolute)
+        self.sent = 0  # highest block sent so far (absolute)
+        self.retries = 0
+        self.deadline = 0.0
+        self.done = False
+        self.completed = False  # the client acknowledged the last block
+        self.stats = Stats(started=time.monotonic())
+
+    def begin(self, now: float) -> None:
+        """Send the OACK (then wait for ACK 0) or, without options, the first window."""
+        if self.oack:
+            self._send(self.oack)
+            self.deadline = now + self.timeout
+        else:
+            self._send_window(now)
+
+    def on_packet(self, packet: bytes, sender: tuple[str, int], now: float) -> None:
+        if sender != self.peer:
+            # RFC 1350: a stranger gets ERROR 5 and the transfer goes on undisturbed.
+            self.stats.wrong_tid += 1
+            self._send(encode_error(ErrorCode.UNKNOWN_TID), sender)
+            return
+        if len(packet) < 4:
+            return  # truncated: ignored, the deadline retransmits if it mattered
+        opcode, block = HEADER.unpack_from(packet)
+        if opcode == ACK:
+            self._on_ack(block, now)
+        elif opcode == ERROR:
+            # The client gave up, or (ERROR 8 after an OACK) only wanted the tsize.
+            self._finish(now)
+        else:
+            self._send(encode_error(ErrorCode.ILLEGAL_OPERATION, "expected an ACK"))
+            self._finish(now)
+
+    def _on_ack(self, block: int, now: float) -> None:
+        if self.oack and self.sent == 0:
+            if block == 0:  # the client accepted the OACK
+                self.retries = 0
+                self._send_window(now)
+            return
+        # Map the 16-bit number onto the blocks in flight; anything else is a duplicate or
+        # stale ACK and is ignored (no retransmission on duplicates).
+        advance = (block - self.acked) & 0xFFFF
+        if advance == 0 or advance > self.sent - self.acked:
+            return
+        self.acked += advance
+        self.retries = 0
+        if self.acked == self.total_blocks:
+            self.completed = True
+            self._finish(now)
+        else:
+            # A full window acknowledged sends the next one; a partial ACK (RFC 7440: the
+            # client saw a gap) resends from the block after the last one it has in order.
+            self._send_window(now)
+
+    def on_timeout(self, now: float) -> None:
+        self.stats.timeouts += 1
+        if self.retries >= self.max_retries:
+            self._finish(now)
+            return
+        self.retries += 1
+        if self.oack and self.sent == 0:
+            self.stats.retransmits += 1
+            self._send(self.oack)
+            self.deadline = now + self.timeout
+        else:
+            self.stats.retransmits += min(self.sent, self.total_blocks) - self.acked
+            self._send_window(now)
+
+    def _send_window(self, now: float) -> None:
+        blksize, data, sendto, peer = self.blksize, self.source.data, self.sock.sendto, self.peer
+        last = min(self.acked + self.windowsize, self.total_blocks)
+        try:
+            for block in range(self.acked + 1, last + 1):
+                offset = (block - 1) * blksize
+                sendto(HEADER.pack(DATA, block & 0xFFFF) + data[offset:offset + blksize], peer)
+        except OSError:
+            pass  # a full socket buffer loses the rest of the window; the deadline resends it
+        self.stats.packets_sent += last - self.acked
+        self.sent = max(self.sent, last)
+        self.deadline = now + self.timeout
+
+    def _send(self, packet: bytes, to: tuple[str, int] | None = None) -> None:
+        try:
+            self.sock.sendto(packet, to or self.peer)
+        except OSError:
+            pass  # UDP: the deadline covers a lost packet
+        self.stats.packets_sent += 1
+
+    def _finish(self, now: float) -> None:
+        self.done = True
+        self.stats.finished = now
+
+    @property
+    def bytes_sent(self) -> int:
+        return min(self.acked * self.blksize, self.source.size)
