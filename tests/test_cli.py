@@ -1,0 +1,107 @@
+"""The pxeserver command line, run as a user runs it: a subprocess in a fresh directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PXESERVER = [sys.executable, "-m", "pxeserver"]
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "preseeds").mkdir()
+    (tmp_path / "kickstarts").mkdir()
+    (tmp_path / "preseeds" / "debian-xen.cfg").write_text("d-i debian-installer/locale string en_US\n")
+    (tmp_path / "pxeserver.toml").write_text(
+        '[server]\naddress = "10.0.0.1"\n[dns]\ndomain = "lab.example"\n'
+    )
+    return tmp_path
+
+
+def run(workdir: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*PXESERVER, *args], cwd=workdir, capture_output=True, text=True, timeout=60)
+    if ok:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def state(workdir: Path) -> tuple[str, str, list[str]]:
+    files = sorted(p.name for p in (workdir / "tftproot" / "pxelinux.cfg").glob("*"))
+    return run(workdir, "profile", "list").stdout, run(workdir, "host", "list").stdout, files
+
+
+def test_profile_and_host_lifecycle(workdir: Path) -> None:
+    run(workdir, "profile", "add", "deb", "--kernel", "images/deb/linux", "--initrd",
+        "images/deb/initrd.gz", "--append", "console=hvc0", "--autoinstall", "debian-xen.cfg")
+    assert json.loads(run(workdir, "profile", "show", "deb").stdout)["autoinstall"] == "debian-xen.cfg"
+    mac = run(workdir, "host", "add", "--hostname", "web1", "--profile", "deb").stdout.strip()
+    assert mac.startswith("00:16:3e:")
+    run(workdir, "host", "add", "--mac", "00-16-3E-AA-BB-CC", "--hostname", "web2", "--profile", "deb", "--ip", "10.0.0.20")
+    shown = json.loads(run(workdir, "host", "show", "00163eaabbcc").stdout)
+    assert (shown["mac"], shown["ip"], shown["status"]) == ("00:16:3e:aa:bb:cc", "10.0.0.20", "registered")
+    config = (workdir / "tftproot" / "pxelinux.cfg" / "01-00-16-3e-aa-bb-cc").read_text()
+    assert "url=http://10.0.0.1/preseed/00-16-3e-aa-bb-cc" in config and "domain=lab.example" in config
+    listing = run(workdir, "host", "list").stdout
+    assert "web1" in listing and "web2" in listing and "10.0.0.20" in listing
+    assert "off" in run(workdir, "host", "netboot", "00:16:3e:aa:bb:cc", "off").stdout
+    assert "localboot 0" in (workdir / "tftproot" / "pxelinux.cfg" / "01-00-16-3e-aa-bb-cc").read_text()
+    run(workdir, "host", "rm", mac)
+    run(workdir, "host", "rm", "00:16:3e:aa:bb:cc")
+    run(workdir, "profile", "rm", "deb")
+    assert "deb" not in run(workdir, "profile", "list").stdout
+
+
+def test_domu_config_written_to_a_file(workdir: Path) -> None:
+    run(workdir, "profile", "add", "deb", "--kernel", "k", "--initrd", "i")
+    run(workdir, "host", "add", "--mac", "00:16:3e:aa:bb:cc", "--hostname", "web1", "--profile", "deb")
+    run(workdir, "domu-config", "00:16:3E:AA:BB:CC", "--bridge", "br1", "--memory", "768",
+        "--disk", "phy:/dev/vg/web1,xvda,w", "-o", "web1.cfg")
+    values: dict[str, object] = {}
+    exec((workdir / "web1.cfg").read_text(), {}, values)
+    assert values["vif"] == ["mac=00:16:3e:aa:bb:cc,bridge=br1"]
+    assert values["memory"] == 768 and values["bootloader"] == "pypxeboot"
+    assert values["bootloader_args"] == ["mac=00:16:3e:aa:bb:cc"]
+
+
+BAD = [
+    (["host", "add", "--mac", "00:16:3e:zz:00:01", "--hostname", "x", "--profile", "deb"], "invalid MAC"),
+    (["host", "add", "--mac", "00:16:3e:aa:bb:cc", "--hostname", "dup", "--profile", "deb"], "already exists"),
+    (["host", "add", "--hostname", "web1", "--profile", "deb"], "already taken"),
+    (["host", "add", "--hostname", "bad_name!", "--profile", "deb"], "invalid hostname"),
+    (["host", "add", "--hostname", "x", "--profile", "ghost"], "unknown profile"),
+    (["host", "add", "--hostname", "x", "--profile", "deb", "--ip", "300.1.1.1"], "invalid IPv4"),
+    (["host", "add", "--hostname", "x", "--profile", "deb", "--memory", "1"], "xen.memory"),
+    (["host", "show", "00:16:3e:00:00:01"], "no host"),
+    (["host", "netboot", "nonsense", "on"], "invalid MAC"),
+    (["profile", "add", "deb", "--kernel", "k", "--initrd", "i"], "already exists"),
+    (["profile", "add", "p2", "--kernel", "../../etc/passwd", "--initrd", "i"], "relative to the TFTP root"),
+    (["profile", "add", "p2", "--kernel", "k", "--initrd", "i", "--autoinstall", "../../etc/passwd"], "not a path"),
+    (["profile", "add", "p2", "--kernel", "k", "--initrd", "i", "--autoinstall", "missing.cfg"], "neither"),
+    (["profile", "add", "p2", "--kernel", "k", "--initrd", "i", "--append", "quiet"], "key=value"),
+    (["profile", "rm", "deb"], "used by 1 host"),
+    (["profile", "rm", "ghost"], "no profile"),
+    (["domu-config", "00:16:3e:aa:bb:cc", "--disk", "x']; evil = ['"], "xen.disk"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _) in enumerate(BAD)])
+def test_bad_input_exits_nonzero_with_one_line_and_changes_nothing(workdir: Path, args: list[str], message: str) -> None:
+    run(workdir, "profile", "add", "deb", "--kernel", "k", "--initrd", "i")
+    run(workdir, "host", "add", "--mac", "00:16:3e:aa:bb:cc", "--hostname", "web1", "--profile", "deb")
+    before = state(workdir)
+    result = run(workdir, *args, ok=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert state(workdir) == before
+
+
+def test_broken_config_file_is_one_clear_line(workdir: Path) -> None:
+    (workdir / "pxeserver.toml").write_text("[tftp]\nprot = 69\n")
+    result = run(workdir, "host", "list", ok=False)
+    assert result.returncode == 1 and "unknown key 'prot'" in result.stderr
