@@ -74,6 +74,13 @@ class BootPolicy:
     def host_by_ip(self, ip: str) -> Host | None:
         return self.store.find_host_by_ip(ip)
 
+    def profile(self, name: str) -> Profile | None:
+        """A host's profile, for the HTTP service's autoinstall files; None if it is gone."""
+        try:
+            return self.store.get_profile(name)
+        except NotFound:
+            return None
+
     def name_records(self) -> list[NameRecord]:
         """Every host with an address: its registered IP, else its current DHCP lease."""
         rows = self.store.host_addresses(time.time())
