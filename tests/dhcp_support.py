@@ -1,0 +1,81 @@
+"""Network namespaces for the DHCP tests and benchmark: real clients, no real interfaces.
+
+Two namespaces joined by one veth pair, created directly inside them (``ip link add ...
+netns``), so nothing ever appears in the root namespace; deleting the namespaces removes the
+link. The server can stay in the test process: Linux keeps the network namespace per thread,
+so :func:`inside` switches only the calling thread while it opens its sockets, and a socket
+stays in the namespace it was created in.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+SERVER_IP = "10.77.0.1"
+RELAY_IP = "10.77.0.2"  # the client side's own address, used when it plays a relay
+SUBNET = "10.77.0.0/24"
+SERVER_IF = "dhs0"
+CLIENT_IF = "dhc0"
+
+
+def run(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, check=check, capture_output=True, text=True, timeout=timeout)
+
+
+@contextmanager
+def inside(namespace: str) -> Iterator[None]:
+    """Run the calling thread in ``namespace`` for the duration of the block."""
+    with open("/proc/thread-self/ns/net") as home, open(f"/run/netns/{namespace}") as target:
+        if _libc.setns(target.fileno(), _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {namespace} failed")
+        try:
+            yield
+        finally:
+            if _libc.setns(home.fileno(), _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back to the original namespace failed")
+
+
+@dataclass
+class Link:
+    """A server namespace and a client namespace joined by a veth pair."""
+
+    server_ns: str
+    client_ns: str
+
+    def in_client(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return run("ip", "netns", "exec", self.client_ns, *args, check=check, timeout=timeout)
+
+    def set_client_mac(self, mac: str) -> None:
+        run("ip", "-n", self.client_ns, "link", "set", CLIENT_IF, "address", mac)
+
+
+@contextmanager
+def veth_link(tag: str) -> Iterator[Link]:
+    """Create the namespaces and link; always delete them again, even after a failure."""
+    link = Link(f"{tag}-{os.getpid()}-s", f"{tag}-{os.getpid()}-c")
+    try:
+        run("ip", "netns", "add", link.server_ns)
+        run("ip", "netns", "add", link.client_ns)
+        run("ip", "link", "add", SERVER_IF, "netns", link.server_ns, "type", "veth",
+            "peer", "name", CLIENT_IF, "netns", link.client_ns)
+        run("ip", "-n", link.server_ns, "addr", "add", f"{SERVER_IP}/24", "dev", SERVER_IF)
+        run("ip", "-n", link.client_ns, "addr", "add", f"{RELAY_IP}/24", "dev", CLIENT_IF)
+        for namespace, interface in ((link.server_ns, SERVER_IF), (link.client_ns, CLIENT_IF)):
+            run("ip", "-n", namespace, "link", "set", "lo", "up")
+            run("ip", "-n", namespace, "link", "set", interface, "up")
+        yield link
+    finally:
+        for namespace in (link.client_ns, link.server_ns):
+            run("ip", "netns", "del", namespace, check=False)
+
+
+def can_make_namespaces() -> bool:
+    return os.geteuid() == 0 and os.path.exists("/proc/thread-self/ns/net")
