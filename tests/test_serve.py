@@ -1,0 +1,108 @@
+"""`pxeserver serve` as a user runs it: start-up banner, clean signals, durable writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+from pxeserver.mac import MacAddress
+from pxeserver.registry import SqliteStore
+
+
+def start_server(tmp_path: Path, **ports: int) -> tuple[subprocess.Popen[str], list[str]]:
+    (tmp_path / "pxeserver.toml").write_text(
+        '[server]\naddress = "127.0.0.1"\n'
+        f'[tftp]\naddress = "127.0.0.1"\nport = {ports["tftp"]}\n'
+        f'[http]\naddress = "127.0.0.1"\nport = {ports["http"]}\n'
+    )
+    process = subprocess.Popen([sys.executable, "-m", "pxeserver", "serve"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    banner: list[str] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        banner.append(line.rstrip())
+        if line.startswith("pxeserver: next:"):
+            return process, banner
+    process.kill()
+    raise AssertionError(f"server did not start: {banner} {process.stderr.read()}")
+
+
+def post(url: str, body: dict) -> int:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.fixture
+def ports() -> dict[str, int]:
+    return {"tftp": free_port(), "http": free_port()}
+
+
+def test_banner_says_where_each_service_listens_and_sigterm_exits_cleanly(tmp_path, ports) -> None:
+    process, banner = start_server(tmp_path, **ports)
+    text = "\n".join(banner)
+    assert f"tftp listening on tftp://127.0.0.1:{ports['tftp']}" in text
+    assert f"http listening on http://127.0.0.1:{ports['http']}" in text
+    assert "next: pxeserver profile add" in text
+    assert "WARNING" not in text, "loopback-only API needs no token warning"
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/api/hosts", timeout=10) as response:
+        assert json.load(response) == []
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=20) == 0
+    assert "Traceback" not in process.stderr.read()
+
+
+def test_sigint_exits_cleanly_too(tmp_path, ports) -> None:
+    process, _ = start_server(tmp_path, **ports)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=20) == 0
+    assert "Traceback" not in process.stderr.read()
+
+
+def test_kill_9_during_bulk_registration_keeps_every_acknowledged_host(tmp_path, ports) -> None:
+    process, _ = start_server(tmp_path, **ports)
+    base = f"http://127.0.0.1:{ports['http']}/api"
+    assert post(f"{base}/profiles", {"name": "deb", "kernel": "k", "initrd": "i"}) == 201
+    acknowledged: list[str] = []
+    for i in range(2000):
+        mac = f"00:16:3e:00:{i >> 8:02x}:{i & 0xFF:02x}"
+        if i == 150:
+            os.kill(process.pid, signal.SIGKILL)
+        try:
+            if post(f"{base}/hosts", {"mac": mac, "hostname": f"h{i}", "profile": "deb"}) == 201:
+                acknowledged.append(mac)
+        except (urllib.error.URLError, ConnectionError):
+            break
+    process.wait(timeout=10)
+    assert len(acknowledged) >= 100
+    store = SqliteStore(tmp_path / "var" / "registry.db")
+    stored = {str(m) for m in store.macs()}
+    assert set(acknowledged) <= stored
+    restarted, _ = start_server(tmp_path, **ports)
+    try:
+        with urllib.request.urlopen(f"{base}/hosts", timeout=10) as response:
+            listed = {h["mac"] for h in json.load(response)}
+        assert set(acknowledged) <= listed
+        for mac in acknowledged[:5]:
+            path = tmp_path / "tftproot" / "pxelinux.cfg" / MacAddress.parse(mac).pxelinux_name
+            assert path.read_text().startswith("#")
+    finally:
+        restarted.terminate()
+        restarted.wait(timeout=20)
