@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -81,15 +82,23 @@ def test_kill_9_during_bulk_registration_keeps_every_acknowledged_host(tmp_path,
     base = f"http://127.0.0.1:{ports['http']}/api"
     assert post(f"{base}/profiles", {"name": "deb", "kernel": "k", "initrd": "i"}) == 201
     acknowledged: list[str] = []
-    for i in range(2000):
-        mac = f"00:16:3e:00:{i >> 8:02x}:{i & 0xFF:02x}"
-        if i == 150:
-            os.kill(process.pid, signal.SIGKILL)
-        try:
-            if post(f"{base}/hosts", {"mac": mac, "hostname": f"h{i}", "profile": "deb"}) == 201:
-                acknowledged.append(mac)
-        except (urllib.error.URLError, ConnectionError):
-            break
+
+    def register() -> None:
+        for i in range(5000):
+            mac = f"00:16:3e:00:{i >> 8:02x}:{i & 0xFF:02x}"
+            try:
+                if post(f"{base}/hosts", {"mac": mac, "hostname": f"h{i}", "profile": "deb"}) == 201:
+                    acknowledged.append(mac)
+            except (urllib.error.URLError, ConnectionError):
+                return
+
+    writers = [threading.Thread(target=register)]
+    writers[0].start()
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < 150 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)  # while registrations are in flight
+    writers[0].join(timeout=30)
     process.wait(timeout=10)
     assert len(acknowledged) >= 100
     store = SqliteStore(tmp_path / "var" / "registry.db")
