@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask
 
 from pxeserver.app import Context
-from pxeserver.web import api
+from pxeserver.web import api, files
 
 MAX_BODY_BYTES = 256 * 1024
 
@@ -16,4 +16,5 @@ def create_app(context: Context) -> Flask:
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["pxeserver"] = context
     app.register_blueprint(api.blueprint)
+    app.register_blueprint(files.blueprint)
     return app

@@ -1,0 +1,148 @@
+"""What installers and boot loaders fetch over HTTP: autoinstall files, iPXE scripts, boot files.
+
+A Flask blueprint; the answers come from the boot policy (what does this MAC boot, which
+profile, which template), never from the registry directly. ``/boot/`` relies on Flask's
+``send_file`` for Range, HEAD, ETag and Last-Modified, and hands it an open file so that the
+WSGI server's ``wsgi.file_wrapper`` (and with it ``os.sendfile``) carries the body.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flask import Blueprint, Response, current_app, request, send_file
+from flask.blueprints import BlueprintSetupState
+from jinja2 import TemplateError
+
+from pxeserver.app import Context
+from pxeserver.autoinstall import AutoinstallRenderer
+from pxeserver.mac import InvalidMac, MacAddress
+from pxeserver.policy import AutoinstallKind, BootSpec, LocalBoot
+from pxeserver.registry import Status
+
+log = logging.getLogger(__name__)
+
+blueprint = Blueprint("files", __name__)
+
+RENDERER = "pxeserver.autoinstall"
+TEXT = "text/plain; charset=utf-8"
+
+
+@blueprint.record_once
+def _make_renderer(state: BlueprintSetupState) -> None:
+    """One renderer per app, so compiled templates are cached across requests."""
+    state.app.extensions[RENDERER] = AutoinstallRenderer(state.app.extensions["pxeserver"].config)
+
+
+def _context() -> Context:
+    return current_app.extensions["pxeserver"]
+
+
+def _text(body: str, status: int = 200) -> Response:
+    return Response(body, status=status, content_type=TEXT)
+
+
+def _parse_mac(text: str) -> MacAddress | Response:
+    try:
+        return MacAddress.parse(text)
+    except InvalidMac as exc:
+        return _text(f"{exc}\n", 400)
+
+
+# -- autoinstall files ----------------------------------------------------------------------
+
+@blueprint.get("/ks/<mac>")
+def kickstart(mac: str) -> Response:
+    return _autoinstall(mac, AutoinstallKind.KICKSTART)
+
+
+@blueprint.get("/preseed/<mac>")
+def preseed(mac: str) -> Response:
+    return _autoinstall(mac, AutoinstallKind.PRESEED)
+
+
+def _autoinstall(text: str, kind: AutoinstallKind) -> Response:
+    """Render the host's template; serving it moves the host to ``installing``."""
+    mac = _parse_mac(text)
+    if isinstance(mac, Response):
+        return mac
+    policy = _context().policy
+    host = policy.host(mac)
+    if host is None:
+        return _text(f"no host with MAC {mac} is registered\n", 404)
+    profile = policy.profile(host.profile)
+    if profile is None or policy.autoinstall_kind(profile.autoinstall) is not kind:
+        return _text(f"host {mac} has no {kind.value} template\n", 404)
+    renderer: AutoinstallRenderer = current_app.extensions[RENDERER]
+    try:
+        rendered = renderer.render(kind, host, profile)
+    except (TemplateError, OSError) as exc:
+        # The cause goes to the log only: a traceback would show the installer (and anyone
+        # else asking) paths and template source.
+        log.error("cannot render %s %r for %s: %s: %s",
+                  kind.value, profile.autoinstall, mac, type(exc).__name__, exc)
+        policy.record(mac, "http", f"{kind.value} {profile.autoinstall} failed to render")
+        return _text(f"the {kind.value} template failed to render; see the server log\n", 500)
+    policy.record(mac, "http", f"served {kind.value} {rendered.template} to {request.remote_addr}")
+    policy.advance(mac, Status.INSTALLING)
+    return _text(rendered.text)
+
+
+# -- iPXE -----------------------------------------------------------------------------------
+
+@blueprint.get("/ipxe/<mac>")
+def ipxe_script(mac: str) -> Response:
+    """The iPXE script for a MAC: its boot spec, with kernel and initrd fetched from /boot/."""
+    parsed = _parse_mac(mac)
+    if isinstance(parsed, Response):
+        return parsed
+    context = _context()
+    spec = context.policy.boot_spec(parsed)
+    if context.policy.host(parsed) is not None:
+        context.policy.record(parsed, "http", f"served iPXE script to {request.remote_addr}")
+        context.policy.advance(parsed, Status.NETBOOTING)
+    return _text(render_ipxe(spec, f"{context.config.http_base_url}/boot"))
+
+
+def render_ipxe(spec: BootSpec, boot_url: str) -> str:
+    if isinstance(spec, LocalBoot):
+        # `exit` hands control back to the firmware (or pypxeboot's caller), which then boots
+        # the next device: the installed disk.
+        return "#!ipxe\nexit\n"
+    # iPXE quirk: an EFI kernel finds its initrd only by the name given with --name, and the
+    # kernel line must say initrd=<that name>; BIOS kernels ignore both, so always give them.
+    initrd_name = Path(spec.initrd).name
+    args = " ".join(filter(None, [f"initrd={initrd_name}", spec.cmdline]))
+    return (
+        "#!ipxe\n"
+        f"kernel {boot_url}/{spec.kernel} {args}\n"
+        f"initrd --name {initrd_name} {boot_url}/{spec.initrd}\n"
+        "boot\n"
+    )
+
+
+# -- boot files -----------------------------------------------------------------------------
+
+@blueprint.route("/boot/<path:subpath>", methods=["GET", "HEAD"])
+def boot_file(subpath: str) -> Response:
+    """A file under the TFTP root. Anything that is not a regular file inside it is 404.
+
+    Containment is checked on the real path, after symlinks are followed, so ``..``,
+    ``%2e%2e`` (decoded before routing) and a symlink pointing out of the root all end here.
+    """
+    context = _context()
+    root = context.config.tftp_root.resolve()
+    try:
+        target = (root / subpath).resolve()
+        servable = target.is_relative_to(root) and target.is_file()
+    except (OSError, ValueError):  # a NUL byte, a name too long, a symlink loop
+        servable = False
+    if not servable:
+        return _text("not found\n", 404)
+    response = send_file(target, conditional=True, etag=True, max_age=0)
+    if request.method == "GET" and response.status_code == 200:
+        host = context.policy.host_by_ip(request.remote_addr or "")
+        if host is not None:
+            context.policy.record(host.mac, "http", f"downloaded /boot/{subpath}")
+    return response
