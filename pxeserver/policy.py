@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 
 from pxeserver.config import Config
@@ -190,15 +190,15 @@ class BootPolicy:
         """Move a netbooting host forward in its install (registered → netbooting → installing).
 
         Called by the services when they serve a boot config or an autoinstall file; a host
-        that is not netbooting, or already further along, is left as it is.
+        that is not netbooting, or already further along, is left as it is. The read first
+        keeps repeated boot steps from taking the write lock.
         """
         host = self.store.find_host(mac)
         if host is None or not host.netboot or host.status not in _LIFECYCLE:
             return
-        if _LIFECYCLE.index(host.status) >= _LIFECYCLE.index(status):
-            return
-        self.store.update_host(replace(host, status=status))
-        self.timeline.record(mac, "policy", f"status {host.status.value} -> {status.value}")
+        earlier = _LIFECYCLE[: _LIFECYCLE.index(status)]
+        if host.status in earlier and self.store.advance_status(mac, status, earlier):
+            self.timeline.record(mac, "policy", f"status {host.status.value} -> {status.value}")
 
 
 def hex_ip(ip: str) -> str:

@@ -110,11 +110,11 @@ class Provisioning:
     def install_done(self, mac: MacAddress, token: str) -> Host:
         """The installer's callback: the host is installed and boots locally from now on."""
         host = self.store.get_host(mac)
-        if not host.install_token or not hmac.compare_digest(host.install_token, token):
+        matches = bool(host.install_token) and hmac.compare_digest(host.install_token, token)
+        if not matches or not self.store.complete_install(mac, token):
             self.policy.record(mac, "callback", "refused install-complete call: wrong token")
             raise InvalidToken("wrong or already used install token")
-        host = replace(host, status=Status.INSTALLED, netboot=False, install_token="")
-        self.store.update_host(host)
+        host = self.store.get_host(mac)
         self.writer.write_host(host)
         self.policy.record(mac, "callback", "install complete; next boot is local")
         return host

@@ -196,3 +196,18 @@ def test_timeline_records_registration(context) -> None:
     assert [e.source for e in events] == ["api"]
     assert "registered as web1" in events[0].message
     assert abs(events[0].time - time.time()) < 60
+
+
+def test_lifecycle_only_moves_forward_and_only_while_netbooting(context) -> None:
+    from pxeserver.registry import Status
+
+    host = _add(context, "debian.cfg")
+    context.policy.advance(host.mac, Status.INSTALLING)
+    assert context.store.get_host(host.mac).status is Status.INSTALLING
+    context.policy.advance(host.mac, Status.NETBOOTING)
+    assert context.store.get_host(host.mac).status is Status.INSTALLING
+    other = _add(context, "debian.cfg", mac="00:16:3e:00:00:02", hostname="web2", netboot=False)
+    context.policy.advance(other.mac, Status.NETBOOTING)
+    assert context.store.get_host(other.mac).status is Status.REGISTERED
+    messages = [e.message for e in context.timeline.events(host.mac)]
+    assert messages[-1] == "status registered -> installing"

@@ -288,6 +288,25 @@ class SqliteStore:
         rows = self._connection().execute("SELECT mac FROM hosts").fetchall()
         return {MacAddress.parse(row[0]) for row in rows}
 
+    def advance_status(self, mac: MacAddress, to: Status, allowed_from: Iterable[Status]) -> bool:
+        allowed = [s.value for s in allowed_from]
+        with self._write() as conn:
+            cursor = conn.execute(
+                f"UPDATE hosts SET status = ? WHERE mac = ? AND netboot = 1 AND status IN "
+                f"({', '.join('?' * len(allowed))})",
+                (to.value, str(mac), *allowed),
+            )
+            return cursor.rowcount == 1
+
+    def complete_install(self, mac: MacAddress, token: str) -> bool:
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE hosts SET status = 'installed', netboot = 0, install_token = '' "
+                "WHERE mac = ? AND install_token = ? AND install_token != ''",
+                (str(mac), token),
+            )
+            return cursor.rowcount == 1
+
     # -- events -------------------------------------------------------------------------------
 
     def add_events(self, events: Iterable[Event]) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pxeserver.mac import MacAddress
-from pxeserver.registry.models import Event, Host, Profile
+from pxeserver.registry.models import Event, Host, Profile, Status
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,14 @@ class Store(Protocol):
     def list_hosts(self) -> list[Host]: ...
     def delete_host(self, mac: MacAddress) -> None: ...
     def macs(self) -> set[MacAddress]: ...
+
+    # Atomic lifecycle steps, safe against a concurrent PATCH of the same host.
+    def advance_status(self, mac: MacAddress, to: Status, allowed_from: Iterable[Status]) -> bool:
+        """Set ``to`` if the host netboots and is in one of ``allowed_from``; True if it did."""
+        ...
+    def complete_install(self, mac: MacAddress, token: str) -> bool:
+        """Mark installed and stop netbooting if ``token`` is the current install token."""
+        ...
 
     # Provisioning timeline.
     def add_events(self, events: Iterable[Event]) -> None: ...
