@@ -90,13 +90,13 @@ def parse_request(packet: bytes) -> Request:
         fields.pop()
     if len(fields) < 2 or not fields[0]:
         raise TftpError(ErrorCode.ILLEGAL_OPERATION, "malformed request: needs a file name and a mode")
-    try:
-        filename = fields[0].decode("utf-8")
-        mode = fields[1].decode("ascii").lower()
-    except UnicodeDecodeError:
-        raise TftpError(ErrorCode.FILE_NOT_FOUND, "file name is not valid UTF-8") from None
+    mode = fields[1].decode("ascii", "replace").lower()
     if mode not in ("octet", "netascii"):
         raise TftpError(ErrorCode.ILLEGAL_OPERATION, f"unsupported transfer mode {mode[:16]!r}")
+    try:
+        filename = fields[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise TftpError(ErrorCode.FILE_NOT_FOUND, "file name is not valid UTF-8") from None
     options: dict[str, str] = {}
     pairs = fields[2:]
     for index in range(0, len(pairs) - 1, 2):  # a dangling option name without value is ignored
