@@ -1,0 +1,215 @@
+"""RFC 2131 states, boot-file choice and leases, straight through the responder (no sockets).
+
+Requests are built and replies read by scapy, so these check our packets against an
+independent implementation of the format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from scapy.layers.dhcp import BOOTP, DHCP
+
+from pxeserver import app
+from pxeserver.config import Config
+from pxeserver.dhcp.responder import Reply, Responder
+from pxeserver.dhcp.server import RateLimiter
+from pxeserver.mac import MacAddress
+from pxeserver.registry import Status
+
+SERVER = "10.0.0.1"
+MAC = "00:16:3e:00:00:01"
+OTHER_MAC = "00:16:3e:00:00:02"
+
+
+@pytest.fixture
+def context(config: Config) -> Iterator[app.Context]:
+    config.server.address = SERVER
+    config.dhcp.pool_start, config.dhcp.pool_end = "10.0.0.100", "10.0.0.102"
+    context = app.build(config)
+    context.provisioning.add_profile({"name": "deb", "kernel": "k/linux", "initrd": "k/initrd"})
+    yield context
+    context.close()
+
+
+def add_host(context: app.Context, mac: str = MAC, ip: str | None = "10.0.0.10",
+             netboot: bool = True) -> None:
+    data: dict[str, object] = {"mac": mac, "hostname": f"h{mac[-1]}.domu.example",
+                               "profile": "deb", "netboot": netboot}
+    if ip:
+        data["ip"] = ip
+    context.provisioning.add_host(data)
+
+
+def packet(kind: str, *options: tuple[str, object], mac: str = MAC, ciaddr: str = "0.0.0.0",
+           giaddr: str = "0.0.0.0") -> bytes:
+    return bytes(BOOTP(op=1, xid=42, chaddr=MacAddress.parse(mac).packed + bytes(10),
+                       ciaddr=ciaddr, giaddr=giaddr)
+                 / DHCP(options=[("message-type", kind), *options, "end"]))
+
+
+def ask(context: app.Context, data: bytes, port: int = 67) -> tuple[BOOTP, dict[str, object], Reply] | None:
+    reply = Responder(context).respond(data, ("0.0.0.0", 68), port)
+    if reply is None:
+        return None
+    parsed = BOOTP(reply.payload)
+    options = {o[0]: (o[1] if len(o) == 2 else o[1:]) for o in parsed[DHCP].options
+               if isinstance(o, tuple)}
+    return parsed, options, reply
+
+
+def test_offer_carries_every_option_a_netbooting_client_reads(context):
+    add_host(context)
+    got = ask(context, packet("discover"))
+    assert got is not None
+    reply, options, sent = got
+    assert options["message-type"] == 2 and reply.yiaddr == "10.0.0.10"
+    assert reply.siaddr == SERVER and reply.file.rstrip(b"\0") == b"pxelinux.0"
+    assert options["subnet_mask"] == "255.255.255.0" and options["router"] == "10.0.0.1"
+    assert options["hostname"] == b"h1" and options["domain"] == b"domu.example"
+    assert options["lease_time"] == 3600 and options["server_id"] == SERVER
+    assert options["tftp_server_name"] == SERVER.encode()
+    assert options["boot-file-name"] == b"pxelinux.0"
+    assert sent.address == ("255.255.255.255", 68)
+
+
+def test_dns_option_names_this_server_when_its_dns_is_enabled(context):
+    context.config.dns.enabled = True
+    add_host(context)
+    _, options, _ = ask(context, packet("discover"))
+    assert options["name_server"] == SERVER
+
+
+@pytest.mark.parametrize("options, boot_file", [
+    ([("pxe_client_architecture", b"\x00\x07")], b"syslinux.efi"),
+    ([("pxe_client_architecture", b"\x00\x09")], b"syslinux.efi"),
+    ([("pxe_client_architecture", b"\x00\x00")], b"pxelinux.0"),
+    ([("pxe_client_architecture", b"\x00\x07"), ("user_class", b"iPXE")],
+     "iPXE script"),
+    ([("pxe_client_architecture", b"\x00\x0b")], b""),
+])
+def test_boot_file_follows_the_firmware(context, options, boot_file):
+    add_host(context)
+    if boot_file == "iPXE script":  # only iPXE gets the script URL, so it never loops
+        boot_file = f"{context.config.http_base_url}/ipxe/00-16-3e-00-00-01".encode()
+    reply, _, _ = ask(context, packet("discover", *options))
+    assert reply.file.rstrip(b"\0") == boot_file
+
+
+def test_ack_advances_the_host_and_records_its_timeline(context):
+    add_host(context)
+    reply, options, _ = ask(context, packet("request", ("server_id", SERVER),
+                                            ("requested_addr", "10.0.0.10")))
+    assert options["message-type"] == 5 and reply.yiaddr == "10.0.0.10"
+    mac = MacAddress.parse(MAC)
+    assert context.policy.host(mac).status is Status.NETBOOTING
+    context.timeline.flush()
+    assert any(e.source == "dhcp" and e.message.startswith("ACK 10.0.0.10")
+               for e in context.store.events(mac))
+
+
+def test_a_host_with_netboot_off_gets_an_address_but_is_not_advanced(context):
+    add_host(context, netboot=False)
+    reply, options, _ = ask(context, packet("request", ("requested_addr", "10.0.0.10")))
+    assert options["message-type"] == 5 and reply.yiaddr == "10.0.0.10"
+    # pxelinux still loads and finds the host's localboot config.
+    assert reply.file.rstrip(b"\0") == b"pxelinux.0"
+    assert context.policy.host(MacAddress.parse(MAC)).status is Status.REGISTERED
+
+
+def test_unknown_mac_is_ignored_unless_configured(context):
+    assert ask(context, packet("discover")) is None
+    context.config.dhcp.serve_unknown = True
+    reply, options, _ = ask(context, packet("discover"))
+    assert options["message-type"] == 2 and reply.yiaddr == "10.0.0.100"
+
+
+def test_request_naming_another_server_is_silent_and_frees_the_offer(context):
+    add_host(context, ip=None)
+    assert ask(context, packet("discover"))[0].yiaddr == "10.0.0.100"
+    assert context.store.find_lease(MacAddress.parse(MAC)) is not None
+    assert ask(context, packet("request", ("server_id", "10.0.0.99"),
+                               ("requested_addr", "10.0.0.100"))) is None
+    assert context.store.find_lease(MacAddress.parse(MAC)) is None
+
+
+def test_init_reboot_with_a_stale_address_is_naked_by_broadcast(context):
+    add_host(context)
+    _, options, sent = ask(context, packet("request", ("requested_addr", "10.0.0.77")))
+    assert options["message-type"] == 6 and sent.address == ("255.255.255.255", 68)
+
+
+def test_renewal_is_acked_by_unicast_to_ciaddr(context):
+    add_host(context)
+    reply, options, sent = ask(context, packet("request", ciaddr="10.0.0.10"))
+    assert options["message-type"] == 5 and reply.yiaddr == "10.0.0.10"
+    assert sent.address == ("10.0.0.10", 68)
+
+
+def test_inform_gets_configuration_without_address_or_lease_time(context):
+    add_host(context)
+    reply, options, sent = ask(context, packet("inform", ciaddr="10.0.0.10"))
+    assert options["message-type"] == 5 and reply.yiaddr == "0.0.0.0"
+    assert "lease_time" not in options and options["router"] == "10.0.0.1"
+    assert sent.address == ("10.0.0.10", 68)
+
+
+def test_relay_outside_the_subnet_is_ignored_and_inside_is_answered(context):
+    add_host(context)
+    assert ask(context, packet("discover", giaddr="192.168.1.1")) is None
+    _, _, sent = ask(context, packet("discover", giaddr="10.0.0.254"))
+    assert sent.address == ("10.0.0.254", 67)
+
+
+def test_reservation_is_keyed_on_chaddr_not_client_id(context):
+    add_host(context)
+    other = ("client_id", b"\x01" + MacAddress.parse(OTHER_MAC).packed)
+    reply, _, _ = ask(context, packet("discover", other))
+    assert reply.yiaddr == "10.0.0.10"
+
+
+def test_pool_leases_are_kept_in_the_registry_across_restarts(context):
+    add_host(context, ip=None)
+    add_host(context, mac=OTHER_MAC, ip=None)
+    first = ask(context, packet("request", ("requested_addr", "10.0.0.101")))[0].yiaddr
+    assert first == "10.0.0.101"
+    # A new responder (a restarted server) offers the same address to the same MAC ...
+    assert ask(context, packet("discover"))[0].yiaddr == "10.0.0.101"
+    # ... and never that one to another MAC, even when it asks for it.
+    other = ask(context, packet("discover", ("requested_addr", "10.0.0.101"), mac=OTHER_MAC))
+    assert other[0].yiaddr == "10.0.0.100"
+    assert ask(context, packet("request", ("requested_addr", "10.0.0.101"),
+                               mac=OTHER_MAC))[1]["message-type"] == 6
+
+
+def test_release_frees_and_decline_quarantines_a_pool_address(context):
+    add_host(context, ip=None)
+    responder = Responder(context)
+    mac = MacAddress.parse(MAC)
+    responder.respond(packet("request", ("requested_addr", "10.0.0.100")), ("0.0.0.0", 68), 67)
+    assert context.store.find_lease(mac).ip == "10.0.0.100"
+    assert responder.respond(packet("release", ("server_id", SERVER), ciaddr="10.0.0.100"),
+                             ("10.0.0.100", 68), 67) is None
+    assert context.store.find_lease(mac) is None
+    assert responder.respond(packet("decline", ("server_id", SERVER),
+                                    ("requested_addr", "10.0.0.100")), ("0.0.0.0", 68), 67) is None
+    offer = BOOTP(responder.respond(packet("discover"), ("0.0.0.0", 68), 67).payload)
+    assert offer.yiaddr == "10.0.0.101"
+
+
+def test_exhausted_pool_offers_nothing(context):
+    for n in range(4):
+        add_host(context, mac=f"00:16:3e:00:01:0{n}", ip=None)
+    offers = [ask(context, packet("discover", mac=f"00:16:3e:00:01:0{n}")) for n in range(4)]
+    assert [o[0].yiaddr for o in offers[:3]] == ["10.0.0.100", "10.0.0.101", "10.0.0.102"]
+    assert offers[3] is None
+
+
+def test_requests_per_mac_are_capped():
+    limiter = RateLimiter(rate=10, burst=30)
+    mac, other = MacAddress.parse(MAC), MacAddress.parse(OTHER_MAC)
+    assert all(limiter.allow(mac, now=0.0) for _ in range(30))
+    assert not limiter.allow(mac, now=0.0)
+    assert limiter.allow(other, now=0.0)  # one flooding MAC does not starve the rest
+    assert limiter.allow(mac, now=0.2)  # refilled at 10 per second
