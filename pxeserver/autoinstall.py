@@ -14,6 +14,7 @@ every value a template writes out is refused if it holds a line break or a NUL.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,16 @@ class AutoinstallRenderer:
 
     @staticmethod
     def _environment(directory: Path) -> SandboxedEnvironment:
-        return SandboxedEnvironment(
+        environment = SandboxedEnvironment(
             loader=FileSystemLoader(directory),
             undefined=StrictUndefined,
             finalize=_single_line,
             keep_trailing_newline=True,
             autoescape=False,  # installer files, not HTML
         )
+        # %post scripts and late_command are shell: values go in as one quoted word.
+        environment.filters["shquote"] = lambda value: shlex.quote(str(value))
+        return environment
 
     def variables(self, host: Host, profile: Profile) -> dict[str, Any]:
         """Everything a template sees: host, profile, server URLs and the install-done callback."""
@@ -87,6 +91,8 @@ class AutoinstallRenderer:
                 "boot_url": f"{base}/boot",
                 "domain": self.config.dns.domain,
             },
+            # Host values win over the profile's: one place for "this profile, but this host...".
+            "vars": {**profile.vars, **host.vars},
             "callback_url": (
                 f"{base}/api/hosts/{host.mac.dashed}/installed?token={host.install_token}"
             ),
