@@ -69,7 +69,7 @@ def fit_udp(response: bytes, limit: int) -> bytes:
     for record in full.ar:
         if record.rtype == QTYPE.OPT:
             short.add_ar(record)
-    return short.pack()
+    return bytes(short.pack())
 
 
 def parse_plain_question(query: bytes) -> tuple[bytes, int, int] | None:
@@ -192,7 +192,7 @@ class Resolver:
         if edns is not None and edns.ttl >> 16 & 0xFF:
             reply = request.reply(ra=0, aa=0)  # EDNS version other than 0 (RFC 6891 6.1.3)
             reply.add_ar(EDNS0(ext_rcode=BADVERS >> 4, udp_len=MAX_UDP_PAYLOAD))
-            return fit_udp(reply.pack(), limit)
+            return fit_udp(bytes(reply.pack()), limit)
         reply = self._answer(request, zone)
         if reply is None:
             return Forward(query, limit)
@@ -201,7 +201,7 @@ class Resolver:
         if edns is not None:
             # Echo DO (RFC 3225); no cookie back: we do not implement them (RFC 7873 5.2.1).
             reply.add_ar(EDNS0(udp_len=MAX_UDP_PAYLOAD, flags="do" if edns.ttl & 0x8000 else ""))
-        return fit_udp(reply.pack(), limit)
+        return fit_udp(bytes(reply.pack()), limit)
 
     def _answer(self, request: DNSRecord, zone: Zone) -> DNSRecord | None:
         """The zone's answer; REFUSED for other names and classes; None means "forward it"."""
