@@ -1,0 +1,117 @@
+"""Forwarding names outside the zone to an upstream, and truncation, against dig.
+
+The upstream is a second DNS server this test starts on loopback: dnslib's DNSServer with a
+fixed set of records, its UDP side truncating at 512 bytes like any server without EDNS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from conftest import free_port
+from dns_support import DOMAIN, dig
+from dnslib import QTYPE, RCODE, RR, TXT, A, DNSRecord
+from dnslib.server import BaseResolver, DNSHandler, DNSServer
+
+from pxeserver.app import Context
+from pxeserver.dns import DnsService
+
+BIG_TEXTS = 12  # 12 TXT strings of 60 bytes: about 900 bytes, more than 512, less than 1232
+
+
+class Outside(BaseResolver):
+    def resolve(self, request: DNSRecord, handler: DNSHandler) -> DNSRecord:
+        reply = request.reply(ra=1, aa=0)  # a recursive resolver, not authoritative
+        name = str(request.q.qname).lower()
+        if name == "www.outside.test.":
+            reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A("192.0.2.10"), ttl=300))
+        elif name == "big.outside.test.":
+            for number in range(BIG_TEXTS):
+                text = TXT(f"{number:02d}" + "x" * 58)
+                reply.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=text, ttl=300))
+        else:
+            reply.header.rcode = RCODE.NXDOMAIN
+        return reply
+
+
+class TruncatingHandler(DNSHandler):
+    udplen = 512
+
+
+def start_upstream() -> list[DNSServer]:
+    """UDP and TCP servers on one free port (UDP picks it; retried when TCP has it taken)."""
+    for _ in range(20):
+        port = free_port(kind=2)  # SOCK_DGRAM
+        udp = DNSServer(Outside(), "127.0.0.1", port, handler=TruncatingHandler)
+        try:
+            servers = [udp, DNSServer(Outside(), "127.0.0.1", port, tcp=True)]
+        except OSError:
+            udp.server.server_close()
+            continue
+        for server in servers:
+            server.start_thread()
+        return servers
+    raise OSError("no port free for both UDP and TCP")
+
+
+@pytest.fixture
+def upstream_port() -> Iterator[int]:
+    servers = start_upstream()
+    yield servers[0].server.server_address[1]
+    for server in servers:
+        server.stop()
+        server.server.server_close()
+
+
+def forwarding_service(ctx: Context, upstream: str) -> DnsService:
+    ctx.config.dns.domain = DOMAIN
+    ctx.config.dns.upstream = upstream
+    service = DnsService(ctx)
+    service.start()
+    return service
+
+
+@pytest.fixture
+def dns(ctx: Context, upstream_port: int) -> Iterator[DnsService]:
+    service = forwarding_service(ctx, f"127.0.0.1:{upstream_port}")
+    yield service
+    service.stop()
+
+
+def test_outside_names_are_forwarded(dns: DnsService) -> None:
+    result = dig(dns.port, "www.outside.test")
+    assert result.status == "NOERROR" and result.values() == ["192.0.2.10"]
+    assert "aa" not in result.flags  # the upstream's answer, not ours
+    assert dig(dns.port, "nothing.outside.test").status == "NXDOMAIN"
+    assert dig(dns.port, "+tcp", "www.outside.test").values() == ["192.0.2.10"]
+
+
+def test_zone_names_are_still_answered_locally(dns: DnsService) -> None:
+    result = dig(dns.port, f"pxe.{DOMAIN}")
+    assert result.values() == ["127.0.0.1"] and "aa" in result.flags
+    assert dig(dns.port, f"nobody.{DOMAIN}").status == "NXDOMAIN"
+
+
+def test_big_answer_is_truncated_for_plain_udp_and_whole_over_tcp(dns: DnsService) -> None:
+    # The upstream truncates over UDP, so the forwarder itself must retry it over TCP.
+    whole = dig(dns.port, "+bufsize=1232", "big.outside.test", "TXT")
+    assert "tc" not in whole.flags and len(whole.answer) == BIG_TEXTS
+    # Without EDNS the client may take 512 bytes: TC set, and dig retries over TCP by itself.
+    retried = dig(dns.port, "+noedns", "big.outside.test", "TXT")
+    assert "Truncated, retrying in TCP mode" in retried.output
+    assert len(retried.answer) == BIG_TEXTS
+    # +ignore shows the truncated UDP answer itself: the flag and the question, no records.
+    truncated = dig(dns.port, "+noedns", "+ignore", "big.outside.test", "TXT")
+    assert "tc" in truncated.flags and truncated.answer == []
+    small = dig(dns.port, "+bufsize=600", "+ignore", "big.outside.test", "TXT")
+    assert "tc" in small.flags  # the client's EDNS size is honoured too
+
+
+def test_dead_upstream_gives_servfail(ctx: Context) -> None:
+    service = forwarding_service(ctx, f"127.0.0.1:{free_port(kind=2)}")  # nobody listens
+    try:
+        assert dig(service.port, "www.outside.test").status == "SERVFAIL"
+        assert dig(service.port, f"pxe.{DOMAIN}").values() == ["127.0.0.1"]
+    finally:
+        service.stop()
