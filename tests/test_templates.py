@@ -1,0 +1,140 @@
+"""Every shipped template, served over HTTP and checked by the real validators.
+
+Kickstarts go through pykickstart's ksvalidator for their release (a deprecated or unknown
+command fails it); preseeds through ``debconf-set-selections --checkonly`` (its warnings, such
+as an unknown type, count as failures too). Then the hostile-template and hostile-value cases.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from http_support import MAC, curl, running
+
+from pxeserver.app import Context
+
+KSVALIDATOR = str(Path(sys.executable).parent / "ksvalidator")
+FULL_VARS = {
+    "mirror": "http://mirror.example/os/",
+    "root_password_hash": "$6$salt$abcdefghijklmnopqrstuv",
+    "ssh_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJx admin@dom0",
+    "timezone": "Europe/Berlin",
+    "selinux": "permissive",
+    "mirror_host": "ftp.de.debian.org",
+    "mirror_dir": "/debian",
+    "suite": "bookworm",
+}
+# template -> (path prefix, validator command, what the chapter's Xen setup needs in the file)
+TEMPLATES = {
+    "centos5-xen-pv.ks": ("ks", [KSVALIDATOR, "-v", "RHEL5"], [
+        "--ondisk=xvda", "--drives=xvda", 'console=xvc0',
+        "/sbin/agetty xvc0 9600 vt100-nav\" >> /etc/inittab", 'echo "xvc0" >> /etc/securetty',
+        "alias scsi_hostadapter xenblk\nalias eth0 xennet\n", "selinux --disabled", "\nkernel-xen\n",
+    ]),
+    "fedora-xen-pvh.ks": ("ks", [KSVALIDATOR, "-v", "F40"], [
+        "--drives=xvda", 'console=hvc0', "systemctl enable serial-getty@hvc0.service",
+    ]),
+    "debian-xen.cfg": ("preseed", ["debconf-set-selections", "--checkonly"], [
+        "partman-auto/disk string /dev/xvda", "grub-installer/bootdev string /dev/xvda",
+        "pkgsel/include string udev openssh-server", "ssh-server",
+        "rm -f /etc/udev/rules.d/70-persistent-net.rules", "console=hvc0 net.ifnames=0",
+        "serial-getty@hvc0",
+    ]),
+    "ubuntu-xen.cfg": ("preseed", ["debconf-set-selections", "--checkonly"], [
+        "partman-auto/disk string /dev/xvda", "pkgsel/include string udev openssh-server",
+        "rm -f /etc/udev/rules.d/70-persistent-net.rules", "console=hvc0 net.ifnames=0",
+        "serial-getty@hvc0",
+    ]),
+}
+
+
+def serve_template(ctx: Context, template: str, host_vars: dict, profile_vars: dict | None = None) -> str:
+    ctx.provisioning.add_profile({"name": "p", "kernel": "k", "initrd": "i", "autoinstall": template,
+                                  "vars": profile_vars or {}})
+    host = ctx.provisioning.add_host({"mac": MAC, "hostname": "web1.domu.example", "profile": "p",
+                                      "ip": "10.0.0.5", "vars": host_vars})
+    prefix = TEMPLATES[template][0] if template in TEMPLATES else "ks"
+    with running(ctx):
+        reply = curl(f"{ctx.config.http_base_url}/{prefix}/{host.mac.dashed}")
+    assert reply.status == 200, reply.text
+    return reply.text
+
+
+def validate(command: list[str], text: str, tmp_path: Path) -> None:
+    rendered = tmp_path / "rendered"
+    rendered.write_text(text)
+    done = subprocess.run([*command, str(rendered)], capture_output=True, text=True, timeout=60)
+    complaints = done.stderr.strip() + re.sub(r"\s*Checking kickstart file \S+\s*", "", done.stdout)
+    assert done.returncode == 0 and not complaints.strip(), f"{command[0]}: {complaints}\n{text}"
+
+
+@pytest.mark.parametrize("variables", [{}, FULL_VARS], ids=["defaults", "all-vars"])
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_shipped_template_passes_its_validator(ctx: Context, tmp_path: Path, template: str,
+                                               variables: dict) -> None:
+    text = serve_template(ctx, template, variables)
+    validate(TEMPLATES[template][1], text, tmp_path)
+    for needed in TEMPLATES[template][2]:
+        assert needed in text, needed
+    assert "web1" in text
+    if variables:
+        assert "mirror.example" in text or "ftp.de.debian.org" in text
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_the_install_calls_back_with_the_hosts_token(ctx: Context, template: str) -> None:
+    text = serve_template(ctx, template, {})
+    token = ctx.policy.host(ctx.store.list_hosts()[0].mac).install_token
+    callback = f"{ctx.config.http_base_url}/api/hosts/00-16-3e-12-34-56/installed?token={token}"
+    if template.endswith(".ks"):
+        post = text.split("%post", 1)[1]
+        assert f"'{callback}'" in post and "curl" in post
+    else:
+        late = next(line for line in text.splitlines() if line.startswith("d-i preseed/late_command"))
+        assert f"in-target curl -fsS -X POST '{callback}'" in late
+
+
+@pytest.fixture
+def own_templates(ctx: Context, tmp_path: Path) -> Iterator[Path]:
+    directory = tmp_path / "kickstarts"
+    directory.mkdir()
+    ctx.config.server.kickstarts = str(directory)
+    yield directory
+
+
+@pytest.mark.parametrize("source, cause", [
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "SecurityError"),
+    ("{{ cycler.__init__.__globals__.os.popen('id').read() }}", "SecurityError"),
+    ("{% if %}broken", "TemplateSyntaxError"),
+    ("url --url {{ vars.nowhere }}", "UndefinedError"),
+    ("network --hostname={{ vars.injected }}", "UnsafeValue"),
+])
+def test_template_failures_are_500_with_the_cause_only_in_the_log(
+        ctx: Context, own_templates: Path, caplog: pytest.LogCaptureFixture, source: str, cause: str) -> None:
+    (own_templates / "bad.ks").write_text(source)
+    caplog.set_level(logging.ERROR, logger="pxeserver.web.files")
+    ctx.provisioning.add_profile({"name": "p", "kernel": "k", "initrd": "i", "autoinstall": "bad.ks"})
+    host = ctx.provisioning.add_host({"mac": MAC, "hostname": "web1", "profile": "p",
+                                      "vars": {"injected": "x\n%post\nrm -rf /\n%end"}})
+    with running(ctx):
+        reply = curl(f"{ctx.config.http_base_url}/ks/{host.mac}")
+    assert reply.status == 500
+    assert "Traceback" not in reply.text and "__class__" not in reply.text and "rm -rf" not in reply.text
+    assert cause in caplog.text and "bad.ks" in caplog.text
+    assert ctx.policy.host(host.mac).status.value == "registered"  # a failed render is no install
+
+
+def test_host_and_profile_values_are_data_not_templates(ctx: Context, own_templates: Path) -> None:
+    (own_templates / "echo.ks").write_text(
+        "{{ host.hostname }}|{{ vars.a }}|{{ profile.vars.b }}|{{ host.vars.c }}|{{ vars.c | shquote }}\n")
+    payload = "{{ 7*7 }}{% for x in range(3) %}X{% endfor %}{{ config }}"
+    host_text = serve_template(ctx, "echo.ks", {"a": payload, "c": "'; reboot; '"}, {"b": payload})
+    assert host_text == (
+        f"web1.domu.example|{payload}|{payload}|'; reboot; '|''\"'\"'; reboot; '\"'\"''\n"
+    )
