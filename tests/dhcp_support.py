@@ -58,16 +58,17 @@ class Link:
 
 
 @contextmanager
-def veth_link(tag: str) -> Iterator[Link]:
-    """Create the namespaces and link; always delete them again, even after a failure."""
+def veth_link(tag: str, prefix: int = 24) -> Iterator[Link]:
+    """Create the namespaces and link (addresses in 10.77.0.0/prefix); always delete them
+    again, even after a failure."""
     link = Link(f"{tag}-{os.getpid()}-s", f"{tag}-{os.getpid()}-c")
     try:
         run("ip", "netns", "add", link.server_ns)
         run("ip", "netns", "add", link.client_ns)
         run("ip", "link", "add", SERVER_IF, "netns", link.server_ns, "type", "veth",
             "peer", "name", CLIENT_IF, "netns", link.client_ns)
-        run("ip", "-n", link.server_ns, "addr", "add", f"{SERVER_IP}/24", "dev", SERVER_IF)
-        run("ip", "-n", link.client_ns, "addr", "add", f"{RELAY_IP}/24", "dev", CLIENT_IF)
+        run("ip", "-n", link.server_ns, "addr", "add", f"{SERVER_IP}/{prefix}", "dev", SERVER_IF)
+        run("ip", "-n", link.client_ns, "addr", "add", f"{RELAY_IP}/{prefix}", "dev", CLIENT_IF)
         for namespace, interface in ((link.server_ns, SERVER_IF), (link.client_ns, CLIENT_IF)):
             run("ip", "-n", namespace, "link", "set", "lo", "up")
             run("ip", "-n", namespace, "link", "set", interface, "up")

@@ -138,6 +138,9 @@ def test_udhcpc_gets_the_reservation_and_everything_pypxeboot_reads(start_server
     assert env["router"] == SERVER_IP and env["dns"].strip() == DNS_SERVER
     assert env["subnet"] == "255.255.255.0" and env["serverid"] == SERVER_IP
     mac = MacAddress.parse(HOST_MAC)
+    deadline = time.monotonic() + 5  # the status is written after the ACK has gone out
+    while context.policy.host(mac).status is not Status.NETBOOTING and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert context.policy.host(mac).status is Status.NETBOOTING
     context.timeline.flush()
     messages = [e.message for e in context.store.events(mac) if e.source == "dhcp"]

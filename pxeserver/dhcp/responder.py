@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 from pxeserver.app import Context
@@ -39,7 +40,10 @@ class Reply(NamedTuple):
 
 
 class Responder:
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context,
+                 mark_netbooting: Callable[[MacAddress], None] | None = None) -> None:
+        """``mark_netbooting`` moves a host to NETBOOTING once it is handed its boot file;
+        by default at once, the service passes a background writer (see server.py)."""
         config = context.config
         self.config = config
         self.policy = context.policy
@@ -47,6 +51,8 @@ class Responder:
         self.subnet = ipaddress.IPv4Network(config.dhcp.subnet)
         self.server_ip = config.advertised_address
         self.proxy = config.dhcp.mode == "proxy"
+        self.mark_netbooting = mark_netbooting or (
+            lambda mac: context.policy.advance(mac, Status.NETBOOTING))
         excluded = {self.server_ip, str(self.subnet.network_address),
                     str(self.subnet.broadcast_address)}
         if config.dhcp.router:
@@ -164,7 +170,7 @@ class Responder:
         if kind == MessageType.ACK and ip is not None:
             self._record(host, mac, f"ACK {ip}, boot file {boot_file or '(none)'}")
             if host is not None and host.netboot and boot_file and host.status == Status.REGISTERED:
-                self.policy.advance(mac, Status.NETBOOTING)
+                self.mark_netbooting(mac)
         elif kind == MessageType.OFFER:
             self._record(host, mac, f"OFFER {ip}")
         return Reply(codec.encode(reply), self._destination(packet))
@@ -219,7 +225,7 @@ class Responder:
         options[Option.BOOTFILE] = boot_file.encode()
         self._record(host, mac, f"proxyDHCP ACK on port {PXE_PORT}, boot file {boot_file}")
         if host is not None and host.netboot and host.status == Status.REGISTERED:
-            self.policy.advance(mac, Status.NETBOOTING)
+            self.mark_netbooting(mac)
         reply = self._reply(packet, options, file=boot_file)
         # The ROM is configured by now and listens where it sent from (port 68 or 4011).
         return Reply(codec.encode(reply), source)
