@@ -179,6 +179,9 @@ class Resolver:
             request = DNSRecord.parse(query)
         except Exception:  # DNSError, BufferError, UnicodeError, RecursionError on pointer loops
             return error_reply(query, RCODE.FORMERR)
+        labels = request.q.qname.label
+        if any(len(part) > 63 for part in labels) or sum(len(part) + 1 for part in labels) > 254:
+            return error_reply(query, RCODE.FORMERR)  # dnslib reads these but cannot write them
         options = [record for record in request.ar if record.rtype == QTYPE.OPT]
         if len(options) > 1:
             return error_reply(query, RCODE.FORMERR)  # RFC 6891 6.1.1

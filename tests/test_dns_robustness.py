@@ -1,0 +1,179 @@
+"""Bad input over raw sockets: every packet gets FORMERR (or the right error) or is dropped, and
+dig is answered right afterwards. TCP connections are bounded in number and in idle time."""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+from dns_support import DOMAIN, dig, dns  # noqa: F401  (dns is a fixture)
+from dnslib import RCODE, DNSRecord
+
+from pxeserver.app import Context
+from pxeserver.dns import DnsService, service
+
+QUESTION = b"\x03pxe\x04domu\x07example\x00\x00\x01\x00\x01"
+
+
+def header(ident: int = 0x1234, flags: int = 0x0000, qd: int = 1, an: int = 0, ns: int = 0,
+           ar: int = 0) -> bytes:
+    return struct.pack("!HHHHHH", ident, flags, qd, an, ns, ar)
+
+
+@pytest.fixture
+def client() -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(0.3)
+    yield sock
+    sock.close()
+
+
+def ask(sock: socket.socket, port: int, packet: bytes) -> bytes | None:
+    sock.sendto(packet, ("127.0.0.1", port))
+    try:
+        return sock.recv(65535)
+    except TimeoutError:
+        return None
+
+
+def rcode_of(reply: bytes | None) -> int | None:
+    return None if reply is None else reply[3] & 0x0F
+
+
+def still_answers(port: int) -> None:
+    assert dig(port, f"pxe.{DOMAIN}").values() == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize("packet", [
+    b"",
+    b"\x12",
+    header()[:11],
+    header(flags=0x8000) + QUESTION,  # a response (QR=1): answering it could start a loop
+    header(flags=0x8400, qd=0),
+], ids=["empty", "one-byte", "short-header", "qr-set", "qr-set-no-question"])
+def test_packets_without_a_query_are_dropped(dns: DnsService, client: socket.socket,
+                                             packet: bytes) -> None:
+    assert ask(client, dns.port, packet) is None
+    still_answers(dns.port)
+
+
+@pytest.mark.parametrize("packet,rcode", [
+    (header() + b"\xc0\x0c\x00\x01\x00\x01", RCODE.FORMERR),  # name pointing at itself
+    (header() + b"\x01a\xc0\x0e\x00\x01\x00\x01", RCODE.FORMERR),  # pointer forward into itself
+    (header(qd=2) + b"\x01a\xc0\x14\x00\x01\x00\x01\x01b\xc0\x0c\x00\x01\x00\x01",
+     RCODE.FORMERR),  # two names pointing at each other
+    (header(qd=100) + QUESTION * 100, RCODE.FORMERR),
+    (header(qd=0), RCODE.FORMERR),
+    (header() + QUESTION[:9], RCODE.FORMERR),  # the name is cut off
+    (header() + QUESTION[:-2], RCODE.FORMERR),  # the class is cut off
+    (header() + b"\x40" + b"a" * 64 + QUESTION[-5:], RCODE.FORMERR),  # label longer than 63
+    (header(ar=1) + QUESTION + b"\x00\x00\x29", RCODE.FORMERR),  # OPT record cut off
+    (header(ar=2) + QUESTION + b"\x00\x00\x29\x04\xd0" + bytes(6) + b"\x00\x00\x29\x04\xd0"
+     + bytes(6), RCODE.FORMERR),  # two OPT records
+    (header(flags=0x2800) + QUESTION, RCODE.NOTIMP),  # opcode UPDATE
+    (header(flags=0x1000) + QUESTION, RCODE.NOTIMP),  # opcode STATUS
+], ids=["pointer-loop", "forward-pointer", "mutual-pointers", "100-questions", "no-question",
+        "cut-name", "cut-class", "long-label", "cut-opt", "two-opts", "update", "status"])
+def test_malformed_queries_get_an_error_with_their_id(dns: DnsService, client: socket.socket,
+                                                      packet: bytes, rcode: int) -> None:
+    reply = ask(client, dns.port, packet)
+    assert reply is not None and reply[:2] == packet[:2] and reply[2] & 0x80
+    assert rcode_of(reply) == rcode
+    still_answers(dns.port)
+
+
+def test_thousands_of_mangled_packets_never_stop_the_server(
+        dns: DnsService, client: socket.socket, caplog: pytest.LogCaptureFixture) -> None:
+    """Bit flips, cuts and random bytes; every reply must still be a well-formed response."""
+    rng = random.Random(6)
+    valid = bytes(DNSRecord.question(f"web1.{DOMAIN}").pack())
+    client.settimeout(0.05)
+    replies = 0
+    for number in range(3000):
+        packet = bytearray(valid)
+        if number % 3 == 0:
+            packet = bytearray(rng.randbytes(rng.randrange(0, 600)))
+        else:
+            for _ in range(rng.randrange(1, 6)):
+                packet[rng.randrange(len(packet))] = rng.randrange(256)
+            packet = packet[:rng.randrange(len(packet) + 1)] if number % 3 == 1 else packet
+        client.sendto(bytes(packet), ("127.0.0.1", dns.port))
+        if number % 50 == 0:  # read what came back so far; the rest is in the socket buffer
+            try:
+                while True:
+                    reply = client.recv(65535)
+                    replies += 1
+                    assert len(reply) >= 12 and reply[2] & 0x80
+            except TimeoutError:
+                pass
+    assert replies > 0
+    still_answers(dns.port)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no query hit a bug
+
+
+def test_tcp_garbage_gets_formerr_and_the_connection_goes_on(dns: DnsService) -> None:
+    with socket.create_connection(("127.0.0.1", dns.port), timeout=2) as sock:
+        for message in (header() + b"\xc0\x0c\x00\x01\x00\x01",
+                        bytes(DNSRecord.question(f"pxe.{DOMAIN}").pack())):
+            sock.sendall(len(message).to_bytes(2, "big") + message)
+        first = sock.recv(2)
+        first_reply = sock.recv(int.from_bytes(first, "big"))
+        assert rcode_of(first_reply) == RCODE.FORMERR
+        length = int.from_bytes(sock.recv(2), "big")
+        second = DNSRecord.parse(sock.recv(length))
+        assert [str(rr.rdata) for rr in second.rr] == ["127.0.0.1"]
+
+
+@pytest.fixture
+def small_tcp_limits(monkeypatch: pytest.MonkeyPatch, ctx: Context) -> Iterator[DnsService]:
+    monkeypatch.setattr(service, "MAX_TCP_CONNECTIONS", 4)
+    monkeypatch.setattr(service, "TCP_IDLE_TIMEOUT", 1.0)
+    ctx.config.dns.domain = DOMAIN
+    dns_service = service.DnsService(ctx)
+    dns_service.start()
+    yield dns_service
+    dns_service.stop()
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+
+
+def test_idle_and_excess_tcp_connections_are_closed(small_tcp_limits: DnsService) -> None:
+    port = small_tcp_limits.port
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    excess = socket.create_connection(("127.0.0.1", port))
+    slow = idle[0]
+    try:
+        assert closed_by_server(excess, within=0.5)  # all four places are taken
+        started = time.monotonic()
+        for _ in range(4):  # a byte at a time never completes a query: no extension
+            slow.sendall(b"\x00")
+            time.sleep(0.2)
+        assert all(closed_by_server(sock, within=2.0) for sock in idle)
+        assert time.monotonic() - started < 2.0
+        assert dig(port, "+tcp", f"pxe.{DOMAIN}").values() == ["127.0.0.1"]
+    finally:
+        for sock in (*idle, excess):
+            sock.close()
+
+
+def test_udp_loop_keeps_answering_while_tcp_clients_stall(small_tcp_limits: DnsService) -> None:
+    port = small_tcp_limits.port
+    stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    try:
+        for sock in stalled:
+            sock.sendall(b"\x01\x00" + b"x" * 10)  # promises 256 bytes, sends 10
+        still_answers(port)
+    finally:
+        for sock in stalled:
+            sock.close()
