@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -257,3 +258,31 @@ def test_a_missing_interface_is_one_clear_error(link, config):
             DhcpService(context).start()
     finally:
         context.close()
+
+
+NOT_ROOT_SCRIPT = """
+import tempfile
+from pathlib import Path
+from pxeserver import app
+from pxeserver.config import Config
+from pxeserver.dhcp import DhcpService
+with tempfile.TemporaryDirectory() as tmp:
+    config = Config(base_dir=Path(tmp))
+    config.server.address, config.server.data_dir, config.server.tftp_root = "10.77.0.1", tmp, tmp
+    config.dhcp.interface = "lo"
+    context = app.build(config)
+    try:
+        DhcpService(context).start()
+    except OSError as exc:
+        print(exc)
+    context.close()
+"""
+
+
+def test_without_root_the_service_says_so_in_one_line():
+    # Refused at SO_BINDTODEVICE or at binding port 67: nothing is ever sent.
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+         NOT_ROOT_SCRIPT], capture_output=True, text=True, timeout=60, cwd="/tmp")
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and "needs root" in lines[0], result.stdout + result.stderr

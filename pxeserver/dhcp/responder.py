@@ -51,6 +51,9 @@ class Responder:
         self.subnet = ipaddress.IPv4Network(config.dhcp.subnet)
         self.server_ip = config.advertised_address
         self.proxy = config.dhcp.mode == "proxy"
+        if not self._in_subnet(self.server_ip) and not self.proxy:
+            log.warning("dhcp: clients on %s will be told next-server %s, which is outside "
+                        "their subnet; set [server] address", self.subnet, self.server_ip)
         self.mark_netbooting = mark_netbooting or (
             lambda mac: context.policy.advance(mac, Status.NETBOOTING))
         excluded = {self.server_ip, str(self.subnet.network_address),

@@ -153,7 +153,9 @@ class DhcpService:
             sock.bind((self.section.address or "0.0.0.0", port))
         except OSError as exc:
             sock.close()
-            raise OSError(exc.errno, _bind_error(exc, interface, port)) from None
+            error = OSError(_bind_error(exc, interface, port))  # str() without "[Errno n]"
+            error.errno = exc.errno
+            raise error from None
         sock.setblocking(False)
         return sock
 
