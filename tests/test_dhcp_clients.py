@@ -73,8 +73,9 @@ def start_server(link: Link, config: Config) -> Iterator[Callable[..., app.Conte
         context.close()
 
 
-def register(context: app.Context, mac: str = HOST_MAC, ip: str | None = HOST_IP) -> None:
-    data = {"mac": mac, "hostname": "web1", "profile": "deb"}
+def register(context: app.Context, mac: str = HOST_MAC, ip: str | None = HOST_IP,
+             hostname: str = "web1") -> None:
+    data = {"mac": mac, "hostname": hostname, "profile": "deb"}
     if ip:
         data["ip"] = ip
     context.provisioning.add_host(data)
@@ -286,3 +287,27 @@ def test_without_root_the_service_says_so_in_one_line():
          NOT_ROOT_SCRIPT], capture_output=True, text=True, timeout=60, cwd="/tmp")
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1 and "needs root" in lines[0], result.stdout + result.stderr
+
+
+def test_garbage_and_floods_do_not_stop_the_service(start_server, link):
+    context = start_server()
+    register(context)
+    valid = request(HOST_MAC, "discover")
+    garbage = [b"", b"\x01" * 300, valid[:239], valid[:2] + b"\xff" + valid[3:],
+               valid[:240] + bytes([12, 200]) + b"x", valid[:240] + bytes([52, 1, 3]) + b"\xff"]
+    with client_socket(link, 68) as sock:
+        for data in garbage:
+            sock.sendto(data, ("255.255.255.255", 67))
+        # One MAC sending 40 DISCOVERs at once gets at most the per-MAC burst answered ...
+        for _ in range(40):
+            sock.sendto(valid, ("255.255.255.255", 67))
+        sock.settimeout(0.5)
+        answered = 0
+        while receive(sock) is not None:
+            answered += 1
+        assert 1 <= answered <= 30
+        # ... and the next client is still served.
+        register(context, mac="00:16:3e:12:34:57", ip="10.77.0.11", hostname="web2")
+        sock.sendto(request("00:16:3e:12:34:57", "discover"), ("255.255.255.255", 67))
+        got = receive(sock)
+    assert got is not None and got[0].yiaddr == "10.77.0.11"
