@@ -147,7 +147,6 @@ class HttpService:
         section.port = self.port
         self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
         self._thread.start()
-        log.info("http: serving on %s", self.endpoints()[0])
 
     def stop(self) -> None:
         server, thread = self._server, self._thread
