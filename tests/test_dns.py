@@ -108,6 +108,16 @@ def test_changes_are_answered_live_and_the_serial_grows(dns: DnsService, ctx: Co
     assert dig(dns.port, f"db1.{DOMAIN}").status == "NXDOMAIN"
 
 
+def test_change_that_keeps_every_name_still_moves_the_serial(dns: DnsService, ctx: Context) -> None:
+    add_web1(ctx)
+    assert dig(dns.port, f"web1.{DOMAIN}").values() == ["10.0.0.5"]  # now cached
+    before = dig(dns.port, f"nobody.{DOMAIN}")
+    ctx.provisioning.set_netboot(MacAddress.parse(MAC), False)  # status only, no name changes
+    assert dig(dns.port, f"web1.{DOMAIN}").values() == ["10.0.0.5"]
+    after = dig(dns.port, f"nobody.{DOMAIN}")
+    assert int(after.authority[0][6]) > int(before.authority[0][6])
+
+
 def test_host_without_ip_resolves_to_its_current_lease(dns: DnsService, ctx: Context) -> None:
     ctx.provisioning.add_host({"mac": MAC, "hostname": "web1", "profile": "debian"})
     name = f"web1.{DOMAIN}"

@@ -92,7 +92,8 @@ class Zone:
                 self.existing.add(name[start:])
         # Packed answers for the resolver's fast path; they live and die with this snapshot, so
         # an answer computed from an older registry can never outlive it.
-        self.cache: dict[bytes, tuple[bytes, bytes]] = {}
+        # Each entry: reply header after the ID, reply after the question, free of the serial?
+        self.cache: dict[bytes, tuple[bytes, bytes, bool]] = {}
 
     def _forward_name(self, hostname: str) -> Name:
         """A hostname already inside the domain stays as it is; anything else gets the domain."""

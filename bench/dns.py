@@ -1,0 +1,198 @@
+"""DNS benchmark: dnsperf against pxeserver's DNS and dnsmasq, the same 10,000 names, one run.
+
+Run: ``.venv/bin/python bench/dns.py [--hosts 10000] [--seconds 10]``.
+
+pxeserver gets the names from its registry (one host per name, each with a registered IP);
+dnsmasq gets them as an addn-hosts file and runs in the foreground with ``--no-resolv
+--no-hosts``. Each server runs as its own process on 127.0.0.1 and another port, and dnsperf
+sends the same query file (every name's A record and its PTR) to each in turn. While dnsperf
+runs, a second thread asks random names with dig and checks every answer against the registry.
+The target for pxeserver: at least 20,000 queries/s, no query lost, every sampled answer right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pxeserver import app
+from pxeserver import config as configuration
+from pxeserver.dns import DnsService
+from pxeserver.mac import XEN_OUI, MacAddress
+from pxeserver.registry import Host
+
+DOMAIN = "domu.example"
+TARGET_QPS = 20_000
+
+
+def host_name(number: int) -> str:
+    return f"host{number}.{DOMAIN}"
+
+
+def host_ip(number: int) -> str:
+    return f"10.1.{number // 250}.{number % 250 + 1}"
+
+
+def write_config(workdir: Path) -> Path:
+    path = workdir / "pxeserver.toml"
+    path.write_text(
+        f'[server]\naddress = "127.0.0.1"\ndata_dir = "{workdir}"\n'
+        f'[dns]\nenabled = true\naddress = "127.0.0.1"\nport = 0\ndomain = "{DOMAIN}"\n'
+        '[dhcp]\nsubnet = "10.1.0.0/16"\n'
+    )
+    return path
+
+
+def populate(config_path: Path, hosts: int) -> None:
+    """Register the hosts straight into the store: the benchmark measures DNS, not the API."""
+    context = app.build(configuration.load(config_path))
+    try:
+        context.provisioning.add_profile({"name": "debian", "kernel": "k", "initrd": "i"})
+        for number in range(hosts):
+            context.store.add_host(Host(MacAddress(XEN_OUI + number.to_bytes(3, "big")),
+                                        f"host{number}", "debian", ip=host_ip(number)))
+    finally:
+        context.close()
+
+
+def serve(config_path: str) -> None:
+    """The child process: run pxeserver's DNS until stdin closes."""
+    context = app.build(configuration.load(config_path))
+    service = DnsService(context)
+    service.start()
+    print(service.port, flush=True)
+    sys.stdin.read()
+    service.stop()
+    context.close()
+
+
+@dataclass
+class Result:
+    qps: float
+    sent: int
+    lost: int
+    sampled: int
+    wrong: list[str]
+
+
+def check_answers(port: int, hosts: int, stop: threading.Event, wrong: list[str]) -> int:
+    """Ask random names with dig while the load runs; returns how many were asked."""
+    rng = random.Random(port)
+    asked = 0
+    while not stop.wait(0.25):
+        number = rng.randrange(hosts)
+        dig = ["dig", "@127.0.0.1", "-p", str(port), "+short", "+time=2", "+tries=3"]
+        forward = subprocess.run([*dig, host_name(number), "A"], capture_output=True, text=True)
+        reverse = subprocess.run([*dig, "-x", host_ip(number)], capture_output=True, text=True)
+        asked += 1
+        if forward.stdout.split() != [host_ip(number)]:
+            wrong.append(f"{host_name(number)} A -> {forward.stdout.strip()!r}")
+        if reverse.stdout.split() != [host_name(number) + "."]:
+            wrong.append(f"{host_ip(number)} PTR -> {reverse.stdout.strip()!r}")
+    return asked
+
+
+def measure(port: int, queries: Path, hosts: int, seconds: int) -> Result:
+    stop = threading.Event()
+    wrong: list[str] = []
+    asked: list[int] = []
+    sampler = threading.Thread(target=lambda: asked.append(check_answers(port, hosts, stop, wrong)))
+    sampler.start()
+    try:
+        output = subprocess.run(
+            ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries), "-l", str(seconds)],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    finally:
+        stop.set()
+        sampler.join()
+
+    def number(label: str) -> float:
+        match = re.search(rf"{label}:\s+([\d.]+)", output)
+        if match is None:
+            raise RuntimeError(f"dnsperf printed no {label!r}:\n{output}")
+        return float(match.group(1))
+
+    return Result(number("Queries per second"), int(number("Queries sent")),
+                  int(number("Queries lost")), asked[0], wrong)
+
+
+def start_dnsmasq(workdir: Path, hosts: int) -> tuple[subprocess.Popen[bytes], int]:
+    workdir.chmod(0o755)  # dnsmasq reads the file after dropping root for "nobody"
+    hosts_file = workdir / "addn-hosts"
+    hosts_file.write_text("".join(f"{host_ip(n)} {host_name(n)}\n" for n in range(hosts)))
+    for port in random.Random().sample(range(20000, 60000), 20):
+        process = subprocess.Popen(
+            ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+             f"--addn-hosts={hosts_file}", "--listen-address=127.0.0.1", "--bind-interfaces",
+             f"--port={port}", "--pid-file=", "--conf-file=/dev/null", f"--local=/{DOMAIN}/"],
+            stderr=subprocess.PIPE,
+        )
+        try:
+            process.wait(timeout=1.0)  # exited at once: the port was taken, try another
+        except subprocess.TimeoutExpired:
+            return process, port
+    raise RuntimeError("dnsmasq did not start")
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve":
+        serve(sys.argv[2])
+        return
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hosts", type=int, default=10_000)
+    parser.add_argument("--seconds", type=int, default=10)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
+        workdir = Path(tmp)
+        config_path = write_config(workdir)
+        started = time.monotonic()
+        populate(config_path, args.hosts)
+        print(f"registered {args.hosts} hosts in {time.monotonic() - started:.1f} s")
+        queries = workdir / "queries"
+        order = list(range(args.hosts))
+        random.Random(1).shuffle(order)
+        queries.write_text("".join(f"{host_name(n)} A\n{host_ip(n)} PTR\n".replace(
+            f"{host_ip(n)} PTR", ".".join(reversed(host_ip(n).split("."))) + ".in-addr.arpa PTR")
+            for n in order))
+
+        ours = subprocess.Popen([sys.executable, __file__, "--serve", str(config_path)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        dnsmasq, dnsmasq_port = start_dnsmasq(workdir, args.hosts)
+        try:
+            assert ours.stdout is not None
+            our_port = int(ours.stdout.readline())
+            results = {
+                "pxeserver": measure(our_port, queries, args.hosts, args.seconds),
+                "dnsmasq": measure(dnsmasq_port, queries, args.hosts, args.seconds),
+            }
+        finally:
+            ours.communicate(input="", timeout=10)
+            dnsmasq.terminate()
+            dnsmasq.wait(timeout=10)
+
+    print(f"\ndnsperf, {args.seconds} s each, {2 * args.hosts} queries (A and PTR) on loopback")
+    print(f"{'server':<10} {'queries/s':>10} {'sent':>9} {'lost':>6} {'dig samples':>12} {'wrong':>6}")
+    for name, result in results.items():
+        print(f"{name:<10} {result.qps:>10.0f} {result.sent:>9} {result.lost:>6} "
+              f"{result.sampled:>12} {len(result.wrong):>6}")
+        for line in result.wrong[:5]:
+            print(f"    wrong: {line}")
+    ours_result = results["pxeserver"]
+    print(f"ratio pxeserver/dnsmasq: {ours_result.qps / results['dnsmasq'].qps:.2f}")
+    met = ours_result.qps >= TARGET_QPS and ours_result.lost == 0 and not ours_result.wrong
+    print(f"target (>= {TARGET_QPS} queries/s, none lost, all answers right): "
+          f"{'met' if met else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
