@@ -15,7 +15,6 @@ every value a template writes out is refused if it holds a line break or a NUL.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +36,6 @@ def _single_line(value: Any) -> Any:
         shown = value if len(value) <= 40 else value[:40] + "..."
         raise UnsafeValue(f"refusing to write a value with a line break or NUL: {shown!r}")
     return value
-
-
-@dataclass(frozen=True)
-class AutoinstallFile:
-    template: str
-    text: str
 
 
 class AutoinstallRenderer:
@@ -98,7 +91,7 @@ class AutoinstallRenderer:
             ),
         }
 
-    def render(self, kind: AutoinstallKind, host: Host, profile: Profile) -> AutoinstallFile:
+    def render(self, kind: AutoinstallKind, host: Host, profile: Profile) -> str:
         """Render the profile's template; raises jinja2.TemplateError (or OSError) on failure."""
         template = self._environments[kind].get_template(profile.autoinstall)
-        return AutoinstallFile(profile.autoinstall, template.render(self.variables(host, profile)))
+        return template.render(self.variables(host, profile))

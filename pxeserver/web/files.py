@@ -84,9 +84,9 @@ def _autoinstall(text: str, kind: AutoinstallKind) -> Response:
                   kind.value, profile.autoinstall, mac, type(exc).__name__, exc)
         policy.record(mac, "http", f"{kind.value} {profile.autoinstall} failed to render")
         return _text(f"the {kind.value} template failed to render; see the server log\n", 500)
-    policy.record(mac, "http", f"served {kind.value} {rendered.template} to {request.remote_addr}")
+    policy.record(mac, "http", f"served {kind.value} {profile.autoinstall} to {request.remote_addr}")
     policy.advance(mac, Status.INSTALLING)
-    return _text(rendered.text)
+    return _text(rendered)
 
 
 # -- iPXE -----------------------------------------------------------------------------------

@@ -91,7 +91,9 @@ class SendfileChannel(HTTPChannel):
             num_sent = os.sendfile(self.socket.fileno(), source, position, count)
         except BlockingIOError:
             return 0
-        except OSError:  # the client went away: as waitress's send() does
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            # The client went away: as waitress's send() does. Other errors propagate to
+            # waitress, which logs them and closes this channel.
             if do_close:
                 self.handle_close()
             return 0
