@@ -115,3 +115,10 @@ def test_dead_upstream_gives_servfail(ctx: Context) -> None:
         assert dig(service.port, f"pxe.{DOMAIN}").values() == ["127.0.0.1"]
     finally:
         service.stop()
+
+
+@pytest.mark.parametrize("upstream", ["dns.example:53", "127.0.0.1:0", "127.0.0.1:x", ":53"])
+def test_bad_upstream_stops_the_start_with_a_clear_error(ctx: Context, upstream: str) -> None:
+    ctx.config.dns.upstream = upstream
+    with pytest.raises(OSError, match="upstream must be an IPv4 address and port"):
+        DnsService(ctx).start()

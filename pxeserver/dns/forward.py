@@ -10,6 +10,7 @@ beyond that a client gets SERVFAIL at once instead of queueing without limit.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import secrets
 import socket
@@ -31,11 +32,19 @@ MAX_STRAY_DATAGRAMS = 16  # replies with a wrong ID we skip before giving up
 
 
 def parse_upstream(text: str) -> tuple[str, int]:
-    """'192.0.2.53:53' or '192.0.2.53' (port 53) -> (host, port)."""
+    """'192.0.2.53:53' or '192.0.2.53' (port 53) -> (address, port).
+
+    An IPv4 address, not a name: resolving a name would need the system resolver on every
+    query, and that resolver may well be this server.
+    """
     host, _, port = text.rpartition(":") if ":" in text else (text, "", "53")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"dns upstream must be host:port, not {text!r}")
-    return host, int(port)
+    try:
+        address = str(ipaddress.IPv4Address(host))
+    except ValueError:
+        address = ""
+    if not address or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"[dns] upstream must be an IPv4 address and port, not {text!r}")
+    return address, int(port)
 
 
 class Forwarder:

@@ -60,9 +60,9 @@ class DnsService:
         self.port: int | None = None
         self._domain = config.dns.domain
         settings = ZoneSettings(config.dns.domain, config.advertised_address, config.dhcp.subnet)
-        upstream = config.dns.upstream
-        self._resolver = Resolver(context.policy, settings, forwarding=bool(upstream))
-        self._forwarder = Forwarder(upstream) if upstream else None
+        self._upstream = config.dns.upstream
+        self._resolver = Resolver(context.policy, settings, forwarding=bool(self._upstream))
+        self._forwarder: Forwarder | None = None
         self._requested_port = config.dns.port
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -71,6 +71,11 @@ class DnsService:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self._upstream:
+            try:
+                self._forwarder = Forwarder(self._upstream)
+            except ValueError as exc:
+                raise OSError(errno.EINVAL, str(exc)) from None
         self._udp, self._tcp = self._bind()
         self.port = self._udp.getsockname()[1]
         self._udp_wake = socket.socketpair()
