@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from dns_support import DOMAIN, dig, dns  # noqa: F401  (dns is a fixture)
 
 from pxeserver.app import Context
@@ -145,3 +146,9 @@ def test_edns_is_answered_and_bad_versions_get_badvers(dns: DnsService, ctx: Con
     assert "udp: 1232" in result.output and "flags: do;" in result.output
     assert dig(dns.port, "+edns=1", "+noednsnegotiation", f"web1.{DOMAIN}").status == "BADVERS"
     assert dig(dns.port, "+noedns", f"web1.{DOMAIN}").values() == ["10.0.0.5"]
+
+
+def test_empty_domain_stops_the_start_with_a_clear_error(ctx: Context) -> None:
+    ctx.config.dns.domain = "."
+    with pytest.raises(OSError, match="domain must not be empty"):
+        DnsService(ctx).start()

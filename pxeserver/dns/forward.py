@@ -52,6 +52,7 @@ class Forwarder:
         self.upstream = parse_upstream(upstream)
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="dns-forward")
         self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        self._answering = True  # log when the upstream stops or starts answering, not per query
 
     def submit(self, forward: Forward, deliver: Callable[[bytes], None]) -> None:
         """Ask the upstream in the background and hand the client's reply to ``deliver``."""
@@ -78,13 +79,20 @@ class Forwarder:
         """The upstream's reply with the client's ID, or SERVFAIL when none comes in time."""
         ident = secrets.token_bytes(2)
         outgoing = ident + query[2:]
+        problem = "no answer in time"
         try:
             reply = self._ask_udp(outgoing)
             if reply is not None and reply[2] & 0x02:  # TC: the whole answer needs TCP
                 reply = self._ask_tcp(outgoing)
         except OSError as exc:
-            log.warning("dns: upstream %s:%d failed: %s", *self.upstream, exc)
-            reply = None
+            reply, problem = None, str(exc)
+        if (reply is not None) != self._answering:
+            self._answering = reply is not None
+            if reply is None:
+                log.warning("dns: upstream %s:%d fails (%s): answering SERVFAIL", *self.upstream,
+                            problem)
+            else:
+                log.warning("dns: upstream %s:%d answers again", *self.upstream)
         if reply is None:
             return error_reply(query, RCODE.SERVFAIL)
         return query[:2] + reply[2:]

@@ -71,6 +71,8 @@ class DnsService:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
+        if not self._domain.strip("."):
+            raise OSError(errno.EINVAL, "[dns] domain must not be empty: it names the zone")
         if self._upstream:
             try:
                 self._forwarder = Forwarder(self._upstream)
