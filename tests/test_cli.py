@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -30,9 +31,12 @@ def run(workdir: Path, *args: str, ok: bool = True) -> subprocess.CompletedProce
     return result
 
 
-def state(workdir: Path) -> tuple[str, str, list[str]]:
-    files = sorted(p.name for p in (workdir / "tftproot" / "pxelinux.cfg").glob("*"))
-    return run(workdir, "profile", "list").stdout, run(workdir, "host", "list").stdout, files
+def state(workdir: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every row of the registry and every boot config file with its content."""
+    with sqlite3.connect(workdir / "var" / "registry.db") as conn:
+        rows = [line for line in conn.iterdump() if "INSERT" in line and "meta" not in line]
+    files = sorted((p.name, p.read_text()) for p in (workdir / "tftproot" / "pxelinux.cfg").glob("*"))
+    return rows, files
 
 
 def test_profile_and_host_lifecycle(workdir: Path) -> None:
