@@ -31,6 +31,7 @@ from pxeserver.app import Context
 from pxeserver.dns.forward import Forwarder
 from pxeserver.dns.resolver import Forward, Resolver
 from pxeserver.dns.zone import ZoneSettings
+from pxeserver.registry.models import validate_hostname
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,10 @@ class DnsService:
     name = "dns"
 
     def __init__(self, context: Context) -> None:
-        config = context.config
-        self.address = config.dns.address
+        self._context = context
+        self.address = context.config.dns.address
         self.port: int | None = None
-        self._domain = config.dns.domain
-        settings = ZoneSettings(config.dns.domain, config.advertised_address, config.dhcp.subnet)
-        self._upstream = config.dns.upstream
-        self._resolver = Resolver(context.policy, settings, forwarding=bool(self._upstream))
         self._forwarder: Forwarder | None = None
-        self._requested_port = config.dns.port
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._finished: queue.SimpleQueue[tuple[_Connection, bytes]] = queue.SimpleQueue()
@@ -71,14 +67,16 @@ class DnsService:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        if not self._domain.strip("."):
-            raise OSError(errno.EINVAL, "[dns] domain must not be empty: it names the zone")
-        if self._upstream:
-            try:
-                self._forwarder = Forwarder(self._upstream)
-            except ValueError as exc:
-                raise OSError(errno.EINVAL, str(exc)) from None
-        self._udp, self._tcp = self._bind()
+        config = self._context.config
+        try:
+            domain = validate_hostname(config.dns.domain)
+            if config.dns.upstream:
+                self._forwarder = Forwarder(config.dns.upstream)
+        except ValueError as exc:
+            raise OSError(errno.EINVAL, f"[dns] domain or upstream: {exc}") from None
+        settings = ZoneSettings(domain, config.advertised_address, config.dhcp.subnet)
+        self._resolver = Resolver(self._context.policy, settings, self._forwarder is not None)
+        self._udp, self._tcp = self._bind(config.dns.port)
         self.port = self._udp.getsockname()[1]
         self._udp_wake = socket.socketpair()
         self._tcp_wake = socket.socketpair()
@@ -86,7 +84,7 @@ class DnsService:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-        log.info("dns: authoritative for %s on %s", self._domain, ", ".join(self.endpoints()))
+        log.info("dns: authoritative for %s on %s", domain, ", ".join(self.endpoints()))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -102,24 +100,24 @@ class DnsService:
     def endpoints(self) -> list[str]:
         return [f"dns://{self.address}:{self.port} (udp, tcp)"]
 
-    def _bind(self) -> tuple[socket.socket, socket.socket]:
+    def _bind(self, port: int) -> tuple[socket.socket, socket.socket]:
         """A UDP and a TCP socket on the same port; with port 0, retry until both get one."""
         for _ in range(BIND_ATTEMPTS):
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
-                udp.bind((self.address, self._requested_port))
+                udp.bind((self.address, port))
                 tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 tcp.bind((self.address, udp.getsockname()[1]))
                 tcp.listen(MAX_TCP_CONNECTIONS)
             except OSError as exc:
                 udp.close()
                 tcp.close()
-                if self._requested_port == 0 and exc.errno == errno.EADDRINUSE:
+                if port == 0 and exc.errno == errno.EADDRINUSE:
                     continue
-                raise OSError(exc.errno, f"dns: cannot listen on {self.address}:"
-                                         f"{self._requested_port}: {exc.strerror}") from None
+                raise OSError(exc.errno, f"dns: cannot listen on {self.address}:{port}: "
+                                         f"{exc.strerror}") from None
             udp.setblocking(False)
             tcp.setblocking(False)
             return udp, tcp
