@@ -56,6 +56,12 @@ def test_whole_file_and_head(base: str, kernel: bytes) -> None:
     assert head.headers["etag"] == full.headers["etag"]
 
 
+def test_http_1_0_with_connection_close_as_lpxelinux_asks(base: str, kernel: bytes) -> None:
+    reply = curl(f"{base}/boot/images/centos5/vmlinuz", "--http1.0", "-H", "Connection: close")
+    assert reply.status == 200 and reply.body == kernel
+    assert "chunked" not in reply.headers.get("transfer-encoding", "")
+
+
 def test_range_requests(base: str, kernel: bytes) -> None:
     url = f"{base}/boot/images/centos5/vmlinuz"
     part = curl(url, "-r", "1000-1999")

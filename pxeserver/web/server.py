@@ -25,10 +25,10 @@ import os
 import threading
 import time
 
+from waitress import wasyncore
 from waitress.buffers import ReadOnlyFileBasedBuffer
 from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer
-from waitress import wasyncore
 
 from pxeserver.app import Context
 from pxeserver.web import MAX_BODY_BYTES, create_app
