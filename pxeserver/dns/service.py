@@ -217,15 +217,19 @@ class DnsService:
                 return
             query = bytes(buffer[2:2 + length])
             del buffer[:2 + length]
-            connection.deadline = time.monotonic() + TCP_IDLE_TIMEOUT
             try:
                 reply = self._resolver.respond_tcp(query)
             except Exception:  # a bug for one query must not stop the next client
                 log.exception("dns: no answer for a TCP query")
                 continue
+            if reply is None:  # not a query at all (empty, or a response): hang up
+                raise ConnectionAbortedError("not a DNS query")
+            # Only an answered query extends the connection's life, so neither a trickle of
+            # bytes nor a stream of empty messages holds a place forever.
+            connection.deadline = time.monotonic() + TCP_IDLE_TIMEOUT
             if isinstance(reply, Forward):
                 self._forward(reply, lambda answer: self._forwarded(connection, answer))
-            elif reply is not None:
+            else:
                 connection.unsent += len(reply).to_bytes(2, "big") + reply
 
     def _forwarded(self, connection: _Connection, answer: bytes) -> None:
