@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flask import Blueprint, Response, current_app, request, send_file
+from flask import Blueprint, Response, abort, current_app, request, send_file
 from flask.blueprints import BlueprintSetupState
 from jinja2 import TemplateError
 
@@ -43,11 +43,12 @@ def _text(body: str, status: int = 200) -> Response:
     return Response(body, status=status, content_type=TEXT)
 
 
-def _parse_mac(text: str) -> MacAddress | Response:
+def _parse_mac(text: str) -> MacAddress:
+    """The MAC from the URL, in any spelling the contract allows; anything else is a 400."""
     try:
         return MacAddress.parse(text)
     except InvalidMac as exc:
-        return _text(f"{exc}\n", 400)
+        abort(_text(f"{exc}\n", 400))
 
 
 # -- autoinstall files ----------------------------------------------------------------------
@@ -65,8 +66,6 @@ def preseed(mac: str) -> Response:
 def _autoinstall(text: str, kind: AutoinstallKind) -> Response:
     """Render the host's template; serving it moves the host to ``installing``."""
     mac = _parse_mac(text)
-    if isinstance(mac, Response):
-        return mac
     policy = _context().policy
     host = policy.host(mac)
     if host is None:
@@ -95,8 +94,6 @@ def _autoinstall(text: str, kind: AutoinstallKind) -> Response:
 def ipxe_script(mac: str) -> Response:
     """The iPXE script for a MAC: its boot spec, with kernel and initrd fetched from /boot/."""
     parsed = _parse_mac(mac)
-    if isinstance(parsed, Response):
-        return parsed
     context = _context()
     spec = context.policy.boot_spec(parsed)
     if context.policy.host(parsed) is not None:
