@@ -87,6 +87,10 @@ def test_shipped_template_passes_its_validator(ctx: Context, tmp_path: Path, tem
         assert "mirror.example" in text or "ftp.de.debian.org" in text
 
 
+def test_the_current_kickstart_also_passes_for_rhel9(ctx: Context, tmp_path: Path) -> None:
+    validate([KSVALIDATOR, "-v", "RHEL9"], serve_template(ctx, "fedora-xen-pvh.ks", FULL_VARS), tmp_path)
+
+
 @pytest.mark.parametrize("template", sorted(TEMPLATES))
 def test_the_install_calls_back_with_the_hosts_token(ctx: Context, template: str) -> None:
     text = serve_template(ctx, template, {})
