@@ -87,6 +87,15 @@ def test_malformed_queries_get_an_error_with_their_id(dns: DnsService, client: s
     still_answers(dns.port)
 
 
+def test_stray_header_bits_of_a_query_are_not_echoed(dns: DnsService, client: socket.socket) -> None:
+    """TC, AA, RA, AD and an RCODE in a query are nonsense; the reply must not repeat them."""
+    reply = ask(client, dns.port, header(flags=0x07BF) + QUESTION)  # RD and CD are kept
+    assert reply is not None
+    flags = int.from_bytes(reply[2:4], "big")
+    assert flags == 0x8000 | 0x0400 | 0x0100 | 0x0010  # QR, AA (ours), RD, CD; NOERROR
+    assert DNSRecord.parse(reply).rr[0].rdata.toZone() == "127.0.0.1"
+
+
 def test_thousands_of_mangled_packets_never_stop_the_server(
         dns: DnsService, client: socket.socket, caplog: pytest.LogCaptureFixture) -> None:
     """Bit flips, cuts and random bytes; every reply must still be a well-formed response."""

@@ -37,6 +37,7 @@ CHECK_INTERVAL = 0.001  # seconds between registry generation checks
 _ONE_QUESTION = b"\x00\x01\x00\x00\x00\x00"  # QDCOUNT 1, ANCOUNT 0, NSCOUNT 0
 _OPT_TYPE = b"\x00\x29"
 _SOA_TYPE = b"\x00\x06"
+_ECHOED_FLAGS = 0x7910  # opcode, RD and CD; not AA, TC, RA, Z, AD or an RCODE a query should not set
 _ANY_TYPE = b"\x00\xff"
 BADVERS = 16  # extended RCODE; dnslib's RCODE table stops at 15
 ANY_CLASS = 255  # dnslib names it "*", not ANY
@@ -190,6 +191,8 @@ class Resolver:
             request = DNSRecord.parse(query)
         except Exception:  # DNSError, BufferError, UnicodeError, RecursionError on pointer loops
             return error_reply(query, RCODE.FORMERR)
+        # dnslib's reply() copies every header bit of the query; keep only those a reply echoes.
+        request.header.bitmap &= _ECHOED_FLAGS
         labels = request.q.qname.label
         if any(len(part) > 63 for part in labels) or sum(len(part) + 1 for part in labels) > 254:
             return error_reply(query, RCODE.FORMERR)  # dnslib reads these but cannot write them
@@ -210,8 +213,6 @@ class Resolver:
         reply = self._answer(request, zone)
         if reply is None:
             return Forward(query, limit)
-        reply.header.ad = 0
-        reply.header.z = 0
         if edns is not None:
             # Echo DO (RFC 3225); no cookie back: we do not implement them (RFC 7873 5.2.1).
             reply.add_ar(EDNS0(udp_len=MAX_UDP_PAYLOAD, flags="do" if edns.ttl & 0x8000 else ""))
