@@ -125,12 +125,14 @@ def responder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Responder]:
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(PACKETS)
 def test_fuzzed_packets_never_raise_and_stay_fast(responder: Responder, data: bytes):
-    started = time.perf_counter()
+    # CPU time of this thread, not wall time: other processes on a shared machine must not
+    # fail the bound, a parser that loops on a crafted packet must.
+    started = time.thread_time()
     try:
         packet = codec.parse(data)
     except MalformedPacket:
         packet = None
-    assert time.perf_counter() - started < 0.01
+    assert time.thread_time() - started < 0.01
     if packet is not None:
         assert len(packet.chaddr) <= 16
     started = time.perf_counter()

@@ -117,6 +117,7 @@ def test_a_newer_schema_is_refused_not_damaged(tmp_path) -> None:
     ("netboot", "yes", "true or false"),
     ("vars", [1], "object"),
     ("vars", {"bad-name": 1}, "variable name"),
+    ("vars", {"packages": ["vim", "x\n%post\nrm -rf /"]}, r"vars.packages\[1\] must not contain a line break"),
     ("xen", {"memory": "lots"}, "xen.memory"),
     ("xen", {"bridge": "br0; rm -rf /"}, "xen.bridge"),
     ("profile", "../x", "profile name"),

@@ -157,9 +157,26 @@ def validate_vars(value: object, key: str = "vars") -> dict[str, Any]:
             raise ValidationError(
                 f"invalid variable name {name!r} in {key}: use letters, digits and '_'"
             )
+    _check_var_values(value, key)
     if len(json.dumps(value)) > MAX_VARS_BYTES:
         raise ValidationError(f"{key} is larger than {MAX_VARS_BYTES} bytes")
     return dict(value)
+
+
+def _check_var_values(value: object, where: str, depth: int = 0) -> None:
+    """Template variables end up inside kickstart and preseed lines: a line break in a value
+    could start a new section (``%post``), so values are refused here, not at render time."""
+    if depth > 16:
+        raise ValidationError(f"{where} is nested too deeply")
+    if isinstance(value, str):
+        if any(ch in value for ch in "\r\n\0"):
+            raise ValidationError(f"{where} must not contain a line break or NUL")
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_var_values(item, f"{where}.{name}", depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_var_values(item, f"{where}[{index}]", depth + 1)
 
 
 def _only_keys(data: object, allowed: set[str], what: str) -> dict[str, Any]:
