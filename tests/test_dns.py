@@ -91,6 +91,8 @@ def test_answer_keeps_the_askers_spelling(dns: DnsService, ctx: Context) -> None
 
 def test_changes_are_answered_live_and_the_serial_grows(dns: DnsService, ctx: Context) -> None:
     name = f"web1.{DOMAIN}"
+    ctx.provisioning.add_host({"hostname": "other", "profile": "debian", "ip": "10.0.0.9"})
+    assert dig(dns.port, f"other.{DOMAIN}").values() == ["10.0.0.9"]  # cached from now on
     assert dig(dns.port, name).status == "NXDOMAIN"
     serial = soa_serial(dns.port)
     add_web1(ctx)
@@ -107,6 +109,8 @@ def test_changes_are_answered_live_and_the_serial_grows(dns: DnsService, ctx: Co
     assert dig(dns.port, f"db1.{DOMAIN}").values() == ["10.0.0.6"]
     ctx.provisioning.delete_host(MacAddress.parse(MAC))
     assert dig(dns.port, f"db1.{DOMAIN}").status == "NXDOMAIN"
+    assert dig(dns.port, f"other.{DOMAIN}").values() == ["10.0.0.9"]  # untouched throughout
+    assert dig(dns.port, "-x", "10.0.0.9").values() == [f"other.{DOMAIN}."]
 
 
 def test_change_that_keeps_every_name_still_moves_the_serial(dns: DnsService, ctx: Context) -> None:

@@ -92,8 +92,19 @@ class Zone:
                 self.existing.add(name[start:])
         # Packed answers for the resolver's fast path; they live and die with this snapshot, so
         # an answer computed from an older registry can never outlive it.
-        # Each entry: reply header after the ID, reply after the question, free of the serial?
-        self.cache: dict[bytes, tuple[bytes, bytes, bool]] = {}
+        # Each entry: the reply's header after the ID, the reply after the question, and the
+        # question's name when a newer snapshot may keep the entry (None: it shows the serial).
+        self.cache: dict[bytes, tuple[bytes, bytes, Name | None]] = {}
+
+    def changed_names(self, old: Zone) -> set[Name] | None:
+        """Names whose records differ from an older snapshot's; None if the zones themselves do."""
+        if self.apexes != old.apexes:
+            return None
+        changed = {name for name in self.addresses.keys() | old.addresses.keys()
+                   if self.addresses.get(name) != old.addresses.get(name)}
+        changed.update(name for name in self.pointers.keys() | old.pointers.keys()
+                       if self.pointers.get(name) != old.pointers.get(name))
+        return changed
 
     def _forward_name(self, hostname: str) -> Name:
         """A hostname already inside the domain stays as it is; anything else gets the domain."""
