@@ -169,19 +169,17 @@ def drive(port: int, jobs: list[Job], keep: bool = False, deadline: float = 60.0
     pending = len(clients)
     next_check = start + 0.25
     while pending and time.monotonic() - start < deadline:
-        for key, _ in selector.select(0.25):
+        for key, _ in selector.select(0.25):  # one read per event: epoll reports it again
             client = key.data
-            for _ in range(64):
-                try:
-                    packet, sender = client.sock.recvfrom(70000)
-                except BlockingIOError:
-                    break
-                if _on_packet(client, packet, sender):
-                    client.done = True
-                    pending -= 1
-                    selector.unregister(client.sock)
-                    client.sock.close()
-                    break
+            try:
+                packet, sender = client.sock.recvfrom(70000)
+            except BlockingIOError:
+                continue
+            if _on_packet(client, packet, sender):
+                client.done = True
+                pending -= 1
+                selector.unregister(client.sock)
+                client.sock.close()
         now = time.monotonic()
         if now >= next_check:
             next_check = now + 0.25

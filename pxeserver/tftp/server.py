@@ -2,13 +2,15 @@
 
 tftpy's own server loop is not used: it uses select(), which cannot watch more than 1024
 sockets; it has no bound on sessions; and it catches only its own exception type, so one odd
-packet stops it (see PROTOCOLS.md). Here ``selectors`` picks epoll, every request is decoded
+packet stops it (see PROTOCOLS.md). Here one ``select.epoll`` watches every socket (used
+directly: the loop reads one datagram per readiness event, and level-triggered epoll reports a
+socket again while it holds more, so no read ends in a costly EAGAIN), every request is decoded
 in a ``try`` that turns any failure into one ERROR packet, sessions are capped in total and
 per client address, and every loop is bounded (packets drained per wakeup, sessions scanned
 per tick), so a flood from one client cannot starve the others.
 
-Each transfer gets a fresh socket (its TID, RFC 1350) bound to the address the request came
-in on. Quirk: PXE ROMs drop a reply whose source address differs from the one they asked
+Each transfer gets a fresh port (its TID, RFC 1350; two sockets, see session.py) bound to the
+address the request came in on. Quirk: PXE ROMs drop a reply whose source address differs from the one they asked
 (pixiecore hits the same), so on a wildcard bind IP_PKTINFO tells which address that was.
 """
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import resource
-import selectors
+import select
 import socket
 import threading
 import time
@@ -25,12 +27,22 @@ from collections import Counter
 from pxeserver.app import Context
 from pxeserver.tftp.events import EventRecorder, Transfer
 from pxeserver.tftp.files import Resolver
-from pxeserver.tftp.packets import RRQ, WRQ, ErrorCode, TftpError, encode_error, negotiate, opcode_of, parse_request
+from pxeserver.tftp.packets import (
+    RRQ,
+    WRQ,
+    ErrorCode,
+    TftpError,
+    encode_error,
+    negotiate,
+    opcode_of,
+    parse_request,
+)
 from pxeserver.tftp.session import Session
 
 log = logging.getLogger(__name__)
 
-DRAIN_LIMIT = 64  # datagrams read from one socket per wakeup
+DRAIN_LIMIT = 64  # requests read from the listening socket per wakeup
+MAX_EVENTS = 1024  # readiness events handled per wakeup
 TICK = 0.05  # seconds between deadline scans: the resolution of retransmit timers
 RECEIVE_SIZE = 2048  # requests, ACKs and ERRORs are small; larger datagrams are truncated
 LISTENER_BUFFER = 4 << 20  # a burst of a thousand RRQs must not overflow the default buffer
@@ -45,18 +57,19 @@ class TftpService:
         self.port = self.config.port
         self._resolver = Resolver(context.config.tftp_root, context.policy)
         self._events: EventRecorder | None = None
-        self._selector: selectors.BaseSelector | None = None
+        self._epoll: select.epoll | None = None
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._sessions: dict[int, Session] = {}  # by socket fd
+        self._sessions: dict[int, Session] = {}  # by the fd of the socket connected to the client
+        self._strangers: dict[int, Session] = {}  # by the fd of the session's unconnected socket
         self._by_peer: dict[tuple[str, int], Session] = {}
         self._per_client: Counter[str] = Counter()
 
     # -- Service protocol -----------------------------------------------------------------
 
     def start(self) -> None:
-        _raise_open_file_limit(self.config.max_sessions + 256)
+        _raise_open_file_limit(2 * self.config.max_sessions + 256)
         listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             listener.bind((self.config.address, self.config.port))
@@ -69,8 +82,8 @@ class TftpService:
         listener.setblocking(False)
         self.port = listener.getsockname()[1]
         self._listener = listener
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(listener, selectors.EVENT_READ, None)
+        self._epoll = select.epoll()
+        self._epoll.register(listener.fileno(), select.EPOLLIN)
         self._events = EventRecorder(self.context.policy)
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="tftp", daemon=True)
@@ -83,8 +96,9 @@ class TftpService:
             self._thread = None
         for session in list(self._sessions.values()):
             self._end(session)
-        if self._selector is not None:
-            self._selector.close()
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -102,19 +116,26 @@ class TftpService:
     # -- the event loop -------------------------------------------------------------------
 
     def _run(self) -> None:
-        assert self._selector is not None
-        select = self._selector.select
+        assert self._epoll is not None and self._listener is not None
+        poll, listener = self._epoll.poll, self._listener.fileno()
+        sessions, strangers = self._sessions, self._strangers
         next_tick = time.monotonic() + TICK
         while not self._stopping.is_set():
-            for key, _ in select(max(0.0, next_tick - time.monotonic())):
+            events = poll(max(0.0, next_tick - time.monotonic()), MAX_EVENTS)
+            now = time.monotonic()
+            for fd, _ in events:
+                session = sessions.get(fd)
                 try:
-                    if key.data is None:
+                    if session is not None:
+                        self._on_datagram(session, now)
+                    elif fd == listener:
                         self._drain_listener()
-                    else:
-                        self._drain_session(key.data)
+                    elif (session := strangers.get(fd)) is not None:
+                        self._on_stranger(session)
                 except Exception:  # the loop outlives any bug in handling one packet
                     log.exception("tftp: error handling a packet")
-            now = time.monotonic()
+                    if session is not None:
+                        self._end(session)
             if now >= next_tick:
                 self._expire(now)
                 next_tick = now + TICK
@@ -136,20 +157,25 @@ class TftpService:
                     local = socket.inet_ntoa(data[8:12])  # in_pktinfo.ipi_addr: where it was sent
             self._on_request(packet, peer, local)
 
-    def _drain_session(self, session: Session) -> None:
-        recvfrom = session.sock.recvfrom
-        now = time.monotonic()
-        for _ in range(DRAIN_LIMIT):
-            try:
-                packet, sender = recvfrom(RECEIVE_SIZE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                continue
-            session.on_packet(packet, sender, now)
-            if session.done:
-                self._end(session)
-                return
+    def _on_datagram(self, session: Session, now: float) -> None:
+        try:
+            packet = session.sock.recv(RECEIVE_SIZE)
+        except ConnectionRefusedError:  # ICMP port unreachable: the client has gone away
+            self._end(session)
+            return
+        except OSError:  # EAGAIN after a spurious wakeup
+            return
+        session.on_packet(packet, now)
+        if session.done:
+            self._end(session)
+
+    @staticmethod
+    def _on_stranger(session: Session) -> None:
+        try:
+            packet, sender = session.strangers.recvfrom(RECEIVE_SIZE)
+        except OSError:
+            return
+        session.on_stranger(packet, sender)
 
     def _expire(self, now: float) -> None:
         for session in [s for s in self._sessions.values() if s.deadline <= now]:
@@ -175,48 +201,59 @@ class TftpService:
             self._reply_from_listener(encode_error(ErrorCode.NOT_DEFINED, "too many transfers from your address"), peer)
             return
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            strangers = _transfer_socket(local, 0)
         except OSError as exc:  # out of file descriptors
             log.warning("tftp: cannot open a transfer socket: %s", exc)
             self._reply_from_listener(encode_error(ErrorCode.NOT_DEFINED, "server busy, try again"), peer)
             return
         try:
-            sock.setblocking(False)
-            sock.bind((local, 0))
-            session = self._open_session(sock, packet, peer)
-        except TftpError as exc:
-            self._reply_and_close(sock, exc.packet, peer)
+            session = self._open_session(packet, peer, strangers)
+        except Exception as exc:
+            if isinstance(exc, TftpError):
+                reply = exc.packet
+            else:
+                log.exception("tftp: failed to start a transfer for %s", client_ip)
+                reply = encode_error(ErrorCode.NOT_DEFINED, "internal error")
+            self._reply_and_close(strangers, reply, peer)
             return
-        except Exception:
-            log.exception("tftp: failed to start a transfer for %s", client_ip)
-            self._reply_and_close(sock, encode_error(ErrorCode.NOT_DEFINED, "internal error"), peer)
-            return
-        assert self._selector is not None
-        self._selector.register(sock, selectors.EVENT_READ, session)
-        self._sessions[sock.fileno()] = session
+        assert self._epoll is not None
+        self._epoll.register(session.sock.fileno(), select.EPOLLIN)
+        self._epoll.register(strangers.fileno(), select.EPOLLIN)
+        self._sessions[session.sock.fileno()] = session
+        self._strangers[strangers.fileno()] = session
         self._by_peer[peer] = session
         self._per_client[client_ip] += 1
         session.begin(time.monotonic())
 
-    def _open_session(self, sock: socket.socket, packet: bytes, peer: tuple[str, int]) -> Session:
+    def _open_session(self, packet: bytes, peer: tuple[str, int], strangers: socket.socket) -> Session:
         request = parse_request(packet)
         if request.opcode == WRQ:
             raise TftpError(ErrorCode.ACCESS_VIOLATION, "this server is read-only")
         source = self._resolver.open(request.filename, peer[0], request.mode)
         try:
             options = negotiate(request.options, source.size, self.config.max_blksize, self.config.max_windowsize)
-        except TftpError:
+            sock = _transfer_socket(strangers.getsockname()[0], strangers.getsockname()[1])
+        except BaseException:
             source.close()
             raise
-        return Session(sock, peer, source, options, self.config.timeout, self.config.retries)
+        try:
+            sock.connect(peer)
+        except BaseException:
+            sock.close()
+            source.close()
+            raise
+        return Session(sock, strangers, peer, source, options, self.config.timeout, self.config.retries)
 
     def _end(self, session: Session) -> None:
         fd = session.sock.fileno()
         if self._sessions.pop(fd, None) is None:
             return
-        assert self._selector is not None
-        self._selector.unregister(session.sock)
+        assert self._epoll is not None
+        self._epoll.unregister(fd)
+        self._epoll.unregister(session.strangers.fileno())
+        self._strangers.pop(session.strangers.fileno(), None)
         session.sock.close()
+        session.strangers.close()
         self._by_peer.pop(session.peer, None)
         client_ip = session.peer[0]
         self._per_client[client_ip] -= 1
@@ -244,8 +281,30 @@ class TftpService:
         sock.close()
 
 
+def _transfer_socket(address: str, port: int) -> socket.socket:
+    """One of a transfer's two sockets on one port: port 0 picks a new one, else share it.
+
+    The first socket binds *before* it sets SO_REUSEADDR, so the kernel picks a port no
+    other socket holds (two sockets that both set it first could be handed the same ephemeral
+    port, and two transfers would share a TID); the second sets it, then binds that port.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        if port == 0:
+            sock.bind((address, 0))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((address, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _raise_open_file_limit(wanted: int) -> None:
-    """One socket per session: a soft limit of 1024 descriptors would cap sessions below 2000."""
+    """Two sockets per session: a soft limit of 1024 descriptors would cap sessions below 2000."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if soft != resource.RLIM_INFINITY and soft < target:
