@@ -1,59 +1,81 @@
-"""From a query's bytes to the reply's bytes: a hand-written fast path in front of dnslib.
+"""From a query's bytes to the reply's bytes.
 
-dnslib's parse and pack cost tens of microseconds per query, which caps a Python server far
-below the 20,000 queries/s we want. So the common query (one question, an uncompressed name, no
-records but at most one EDNS OPT) is recognised by reading the header and the question by hand,
-and answered from a cache of packed replies keyed by the flags, the lower-cased question and the
-EDNS header. A cached reply was built for the lower-cased question, and dnslib compresses every
-owner name in it to a pointer at the question, so the asker's own spelling of the name (resolvers
-randomise case, draft-vixie-dnsext-dns0x20) is put back by splicing in the question bytes and the
-ID. Everything else goes through dnslib (the slow path), which also fills the cache.
+dnslib's ``DNSRecord.parse`` and ``pack`` cost about 100 µs per query, which caps a Python server
+far below the 20,000 queries/s we want. So the reply is assembled here by hand from wire-format
+records the zone keeps (packed by dnslib once per snapshot): the header, the question exactly
+as the client sent it, the records, an OPT record. The common query (one question, an
+uncompressed name, no records but at most one EDNS OPT) is also read by hand, header and
+question only; anything else goes through ``DNSRecord.parse`` and is either answered the same
+way or refused with the right error. dnslib still builds every record and parses every odd
+query; only the two fixed layouts of RFC 1035 4.1.1 and 4.1.2 are written out here.
 
-The cache belongs to one zone snapshot; a new registry generation builds a new snapshot. Most
-changes touch few names or none (a host's install status, one new lease), so the new snapshot
-takes over the cached answers of every name whose records stayed the same, unless they show the
-SOA serial (negative answers do): a busy install wave does not send every query back through
-dnslib. The generation is one SQLite read of about
-10 µs, so it is checked at most once per ``CHECK_INTERVAL`` (1 ms) rather than per query: a
-change is answered from the next query on once that millisecond is over, which no client can
-tell from "immediately".
+Live data: the zone snapshot is rebuilt when the registry generation changes (or a lease runs
+out). The generation is one SQLite read of about 10 µs, so it is checked at most once per
+``CHECK_INTERVAL`` (1 ms) rather than per query: a change is answered from the next query on
+once that millisecond is over, which no client can tell from "immediately".
 """
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from dnslib import CLASS, OPCODE, QTYPE, RCODE, DNSHeader, DNSRecord, EDNS0
+from dnslib.label import DNSBuffer
 
-from pxeserver.dns.zone import Name, Zone, ZoneSettings
+from pxeserver.dns.zone import NOERROR, REFUSED, Answer, Name, Zone, ZoneSettings, name_wire
 from pxeserver.policy import BootPolicy
 
 MAX_UDP_PAYLOAD = 1232  # what we advertise and the most we send over UDP (DNS flag day 2020)
 PLAIN_UDP_LIMIT = 512  # RFC 1035: the UDP limit for clients without EDNS
 TCP_LIMIT = 65535
-CACHE_LIMIT = 50_000  # answers per snapshot; a flood of random names empties it, never grows it
 CHECK_INTERVAL = 0.001  # seconds between registry generation checks
-_ONE_QUESTION = b"\x00\x01\x00\x00\x00\x00"  # QDCOUNT 1, ANCOUNT 0, NSCOUNT 0
-_OPT_TYPE = b"\x00\x29"
-_SOA_TYPE = b"\x00\x06"
-_ECHOED_FLAGS = 0x7910  # opcode, RD and CD; not AA, TC, RA, Z, AD or an RCODE a query should not set
-_ANY_TYPE = b"\x00\xff"
 BADVERS = 16  # extended RCODE; dnslib's RCODE table stops at 15
 ANY_CLASS = 255  # dnslib names it "*", not ANY
+_ONE_QUESTION = b"\x00\x01\x00\x00\x00\x00"  # QDCOUNT 1, ANCOUNT 0, NSCOUNT 0
+_OPT_TYPE = b"\x00\x29"
+_COUNTS = struct.Struct("!HHHH")
+_TYPE_CLASS = struct.Struct("!HH")
 
 
-@dataclass(frozen=True)
-class Forward:
+class Forward(NamedTuple):
     """Not our zone and an upstream is configured: the service forwards ``query``."""
 
     query: bytes
     limit: int  # the most the client can take back (UDP payload size, or TCP_LIMIT)
 
 
+class Question(NamedTuple):
+    name: Name  # lower-cased labels, for the lookup
+    wire: bytes  # name, type and class as the client wrote them, for the reply
+    qtype: int
+    qclass: int
+
+
+class Edns(NamedTuple):
+    payload: int  # the most the client takes over UDP
+    version: int
+    do: bool  # DNSSEC OK, echoed in the reply (RFC 3225)
+
+
+def _packed_opt(**options: object) -> bytes:
+    buffer = DNSBuffer()
+    EDNS0(udp_len=MAX_UDP_PAYLOAD, **options).pack(buffer)
+    return bytes(buffer.data)
+
+
+# Our OPT record, without and with DO. No cookie option: we do not implement cookies, and a
+# server that does not simply leaves the option out (RFC 7873 5.2.1).
+_OPT = {False: _packed_opt(), True: _packed_opt(flags="do")}
+_OPT_BADVERS = _packed_opt(ext_rcode=BADVERS >> 4)  # the upper 8 bits of the 12-bit RCODE
+_REFUSED = Answer(REFUSED)
+_IN_CLASSES = (CLASS.IN, ANY_CLASS)
+
+
 def error_reply(query: bytes, rcode: int) -> bytes:
-    """A header-only reply built from the query's header alone, for queries dnslib cannot parse.
+    """A header-only reply built from the query's header alone, for queries we cannot read.
 
     Keeps the ID, the opcode and RD, as BIND does for FORMERR.
     """
@@ -61,7 +83,7 @@ def error_reply(query: bytes, rcode: int) -> bytes:
 
 
 def fit_udp(response: bytes, limit: int) -> bytes:
-    """The response, or when it is longer than the client takes over UDP, its truncated form.
+    """A forwarded response, or when it is longer than the client takes, its truncated form.
 
     The truncated form keeps the header (with TC set), the question and the OPT record, so the
     client sees why and retries over TCP (RFC 2181 9, RFC 6891 7).
@@ -79,34 +101,37 @@ def fit_udp(response: bytes, limit: int) -> bytes:
     return bytes(short.pack())
 
 
-def parse_plain_question(query: bytes) -> tuple[bytes, int, int] | None:
-    """(cache key, end of the name, end of the question) for a query the fast path can answer.
+def parse_plain(query: bytes) -> tuple[Question, Edns | None] | None:
+    """The question and EDNS of a common query, read by hand; None sends it to dnslib.
 
-    None sends the query to the slow path: anything unusual, including compression pointers in
-    the question, which legitimate queries never use.
+    That is anything unusual, including compression pointers in the question, which
+    legitimate queries never use.
     """
     size = len(query)
-    if size < 17 or size > PLAIN_UDP_LIMIT or query[2] & 0xF8 or query[4:10] != _ONE_QUESTION:
+    if size < 17 or query[2] & 0xF8 or query[4:10] != _ONE_QUESTION:  # QR and opcode are 0
         return None
-    additional = query[10:12]
+    labels = []
     position = 12
     for _ in range(128):  # at most 127 labels fit in 255 bytes; bounded even for garbage
         length = query[position]
         if length == 0:
             break
-        if length > 63:
+        end = position + 1 + length
+        if length > 63 or end >= size:
             return None
-        position += length + 1
-        if position >= size:
-            return None
+        labels.append(query[position + 1:end].lower())
+        position = end
     else:
         return None
     name_end = position + 1
     question_end = name_end + 4
+    if name_end - 12 > 255 or question_end > size:
+        return None
+    additional = query[10:12]
     if additional == b"\x00\x00":
         if question_end != size:
             return None
-        edns = b""
+        edns = None
     elif additional == b"\x00\x01":
         # The one additional record must be an OPT at the root: name 0, type 41, payload size,
         # extended RCODE, version, flags, option length; its options (cookies) we ignore.
@@ -115,22 +140,55 @@ def parse_plain_question(query: bytes) -> tuple[bytes, int, int] | None:
             return None
         if opt + 11 + int.from_bytes(query[opt + 9:opt + 11], "big") != size:
             return None
-        edns = query[opt + 3:opt + 9]
+        payload = int.from_bytes(query[opt + 3:opt + 5], "big")
+        edns = Edns(payload, query[opt + 6], bool(query[opt + 7] & 0x80))
     else:
         return None
-    key = query[2:4] + query[12:name_end].lower() + query[name_end:question_end] + edns
-    return key, name_end, question_end
+    qtype, qclass = _TYPE_CLASS.unpack_from(query, name_end)
+    return Question(tuple(labels), query[12:question_end], qtype, qclass), edns
 
 
-def wire_name(query: bytes, name_end: int) -> Name:
-    """The question's name as a tuple of labels; the fast path has checked its structure."""
-    labels = []
-    position = 12
-    while position < name_end - 1:
-        length = query[position]
-        labels.append(query[position + 1:position + 1 + length])
-        position += length + 1
-    return tuple(labels)
+def parse_with_dnslib(query: bytes) -> tuple[Question, Edns | None] | bytes | None:
+    """Any other query: its question and EDNS, or the error reply, or None to drop it."""
+    if len(query) < 12 or query[2] & 0x80:
+        return None  # no header to answer, or itself a response: answering could loop
+    if (query[2] >> 3) & 0x0F != OPCODE.QUERY:
+        return error_reply(query, RCODE.NOTIMP)
+    if query[4:6] != b"\x00\x01":
+        return error_reply(query, RCODE.FORMERR)  # RFC 9619: exactly one question
+    try:
+        request = DNSRecord.parse(query)
+    except Exception:  # DNSError, BufferError, UnicodeError, RecursionError on pointer loops
+        return error_reply(query, RCODE.FORMERR)
+    labels = tuple(request.q.qname.label)
+    if any(len(part) > 63 for part in labels) or sum(len(part) + 1 for part in labels) > 254:
+        return error_reply(query, RCODE.FORMERR)  # dnslib reads these but cannot write them
+    options = [record for record in request.ar if record.rtype == QTYPE.OPT]
+    if len(options) > 1:
+        return error_reply(query, RCODE.FORMERR)  # RFC 6891 6.1.1
+    edns = None
+    if options:
+        flags = options[0].ttl  # extended RCODE, version, DO and the other flags
+        edns = Edns(options[0].rclass, (flags >> 16) & 0xFF, bool(flags & 0x8000))
+    qtype, qclass = request.q.qtype, request.q.qclass
+    wire = name_wire(labels) + _TYPE_CLASS.pack(qtype, qclass)  # uncompressed, as spelled
+    return Question(tuple(part.lower() for part in labels), wire, qtype, qclass), edns
+
+
+def assemble(query: bytes, question: Question, answer: Answer, authoritative: bool,
+             opt: bytes, limit: int) -> bytes:
+    """The reply message; if it is longer than ``limit``, the truncated one (TC set)."""
+    # Echo only the ID, opcode, RD and CD: never TC, AA, RA, AD or an RCODE a query carried.
+    flags = bytes((0x80 | (query[2] & 0x79) | (0x04 if authoritative else 0),
+                   (query[3] & 0x10) | answer.rcode))
+    additional = (*answer.additional, opt) if opt else answer.additional
+    reply = b"".join((query[:2], flags,
+                      _COUNTS.pack(1, len(answer.answer), len(answer.authority), len(additional)),
+                      question.wire, *answer.answer, *answer.authority, *additional))
+    if len(reply) <= limit:
+        return reply
+    truncated = bytes((flags[0] | 0x02, flags[1]))
+    return query[:2] + truncated + _COUNTS.pack(1, 0, 0, 1 if opt else 0) + question.wire + opt
 
 
 class Resolver:
@@ -155,92 +213,31 @@ class Resolver:
         with self._lock:
             zone = self._zone
             if self._policy.generation() != zone.generation or time.time() >= zone.valid_until:
-                old, zone = zone, self._build()
-                changed = zone.changed_names(old)
-                if changed is not None:
-                    zone.cache.update((key, entry) for key, entry in old.cache.items()
-                                      if entry[2] is not None and entry[2] not in changed)
-                self._zone = zone
+                zone = self._zone = self._build()
             self._next_check = time.monotonic() + CHECK_INTERVAL
         return zone
 
-    # -- entry points ---------------------------------------------------------------------
-
-    def respond_udp(self, query: bytes) -> bytes | Forward | None:
-        """The reply datagram, a query to forward, or None to drop the datagram."""
+    def respond(self, query: bytes, tcp: bool) -> bytes | Forward | None:
+        """The reply, a query to forward, or None to drop the message."""
         zone = self.zone()
-        plain = parse_plain_question(query)
-        if plain is None:
-            return self._respond(query, zone, tcp=False)
-        key, name_end, question_end = plain
-        template = zone.cache.get(key)
-        if template is None:
-            lowered = query[:12] + query[12:name_end].lower() + query[name_end:]
-            reply = self._respond(lowered, zone, tcp=False)
-            if not isinstance(reply, bytes):
-                return reply
-            if reply[4:6] != b"\x00\x01" or reply[12:question_end] != lowered[12:question_end]:
-                return self._respond(query, zone, tcp=False)  # no question to splice: uncached
-            if len(zone.cache) >= CACHE_LIMIT:
-                zone.cache.clear()
-            # Without an authority section and not asked for SOA or ANY, no SOA (serial) is in it.
-            serial_free = reply[8:10] == b"\x00\x00" and query[name_end:name_end + 2] not in (
-                _SOA_TYPE, _ANY_TYPE)
-            carried = wire_name(lowered, name_end) if serial_free else None
-            template = zone.cache[key] = (reply[2:12], reply[question_end:], carried)
-        return query[:2] + template[0] + query[12:question_end] + template[1]
-
-    def respond_tcp(self, query: bytes) -> bytes | Forward | None:
-        return self._respond(query, self.zone(), tcp=True)
-
-    # -- the slow path --------------------------------------------------------------------
-
-    def _respond(self, query: bytes, zone: Zone, tcp: bool) -> bytes | Forward | None:
-        if len(query) < 12 or query[2] & 0x80:
-            return None  # no header to answer, or itself a response: answering could loop
-        if (query[2] >> 3) & 0x0F != OPCODE.QUERY:
-            return error_reply(query, RCODE.NOTIMP)
-        if query[4:6] != b"\x00\x01":
-            return error_reply(query, RCODE.FORMERR)  # RFC 9619: exactly one question
-        try:
-            request = DNSRecord.parse(query)
-        except Exception:  # DNSError, BufferError, UnicodeError, RecursionError on pointer loops
-            return error_reply(query, RCODE.FORMERR)
-        # dnslib's reply() copies every header bit of the query; keep only those a reply echoes.
-        request.header.bitmap &= _ECHOED_FLAGS
-        labels = request.q.qname.label
-        if any(len(part) > 63 for part in labels) or sum(len(part) + 1 for part in labels) > 254:
-            return error_reply(query, RCODE.FORMERR)  # dnslib reads these but cannot write them
-        options = [record for record in request.ar if record.rtype == QTYPE.OPT]
-        if len(options) > 1:
-            return error_reply(query, RCODE.FORMERR)  # RFC 6891 6.1.1
-        edns = options[0] if options else None
+        parsed = parse_plain(query) or parse_with_dnslib(query)
+        if not isinstance(parsed, tuple):
+            return parsed
+        question, edns = parsed
         if tcp:
             limit = TCP_LIMIT
         elif edns is None:
             limit = PLAIN_UDP_LIMIT
         else:
-            limit = min(max(edns.rclass, PLAIN_UDP_LIMIT), MAX_UDP_PAYLOAD)
-        if edns is not None and edns.ttl >> 16 & 0xFF:
-            reply = request.reply(ra=0, aa=0)  # EDNS version other than 0 (RFC 6891 6.1.3)
-            reply.add_ar(EDNS0(ext_rcode=BADVERS >> 4, udp_len=MAX_UDP_PAYLOAD))
-            return fit_udp(bytes(reply.pack()), limit)
-        reply = self._answer(request, zone)
-        if reply is None:
-            return Forward(query, limit)
-        if edns is not None:
-            # Echo DO (RFC 3225); no cookie back: we do not implement them (RFC 7873 5.2.1).
-            reply.add_ar(EDNS0(udp_len=MAX_UDP_PAYLOAD, flags="do" if edns.ttl & 0x8000 else ""))
-        return fit_udp(bytes(reply.pack()), limit)
-
-    def _answer(self, request: DNSRecord, zone: Zone) -> DNSRecord | None:
-        """The zone's answer; REFUSED for other names and classes; None means "forward it"."""
-        if request.q.qclass in (CLASS.IN, ANY_CLASS):
-            reply = zone.answer(request)
-            if reply is not None:
-                return reply
-            if self._forwarding:
-                return None
-        reply = request.reply(ra=0, aa=0)
-        reply.header.rcode = RCODE.REFUSED
-        return reply
+            limit = min(max(edns.payload, PLAIN_UDP_LIMIT), MAX_UDP_PAYLOAD)
+        if edns is not None and edns.version != 0:  # RFC 6891 6.1.3
+            return assemble(query, question, Answer(NOERROR), False, _OPT_BADVERS, limit)
+        in_class = question.qclass in _IN_CLASSES
+        answer = zone.lookup(question.name, question.qtype) if in_class else None
+        authoritative = answer is not None
+        if answer is None:
+            if in_class and self._forwarding:
+                return Forward(query, limit)
+            answer = _REFUSED
+        opt = b"" if edns is None else _OPT[edns.do]
+        return assemble(query, question, answer, authoritative, opt, limit)

@@ -127,7 +127,7 @@ class DnsService:
 
     def _serve_udp(self) -> None:
         udp = self._udp
-        receive, send, respond = udp.recvfrom, udp.sendto, self._resolver.respond_udp
+        receive, send, respond = udp.recvfrom, udp.sendto, self._resolver.respond
         with selectors.DefaultSelector() as selector:
             selector.register(udp, selectors.EVENT_READ)
             selector.register(self._udp_wake[0], selectors.EVENT_READ)
@@ -141,7 +141,7 @@ class DnsService:
                     except OSError:  # an ICMP error from an earlier reply: nothing to do
                         continue
                     try:
-                        reply = respond(query)
+                        reply = respond(query, False)
                     except Exception:  # a bug for one query must not stop the next client
                         log.exception("dns: no answer for a query from %s:%d", *client)
                         continue
@@ -218,7 +218,7 @@ class DnsService:
             query = bytes(buffer[2:2 + length])
             del buffer[:2 + length]
             try:
-                reply = self._resolver.respond_tcp(query)
+                reply = self._resolver.respond(query, True)
             except Exception:  # a bug for one query must not stop the next client
                 log.exception("dns: no answer for a TCP query")
                 continue

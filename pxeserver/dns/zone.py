@@ -1,9 +1,13 @@
 """The authoritative data: one forward zone for the configured domain and the reverse zones.
 
-Built from :meth:`BootPolicy.name_records` (never from the database directly) and answered with
-dnslib's record classes. Names are kept as tuples of lower-cased labels, so a lookup is a dict
-access and DNS's case-insensitivity costs nothing. Resource records are built per answer, not
-per zone build, so a registry of 10,000 hosts rebuilds in milliseconds.
+Built from :meth:`BootPolicy.name_records` (never from the database directly). Names are kept
+as tuples of lower-cased labels, so a lookup is a dict access and DNS's case-insensitivity costs
+nothing. Records are made with dnslib's record classes and packed by dnslib the first time they
+are asked for, then kept in wire format for the life of the snapshot: a registry of 10,000 hosts
+rebuilds in milliseconds, and a repeated question costs a few dict lookups. An answer's records
+name their owner with a pointer into the question (RFC 1035 4.1.4), so they fit behind any
+spelling of the question and the reply echoes the asker's case, as resolvers that randomise it
+(draft-vixie-dnsext-dns0x20) require.
 
 Reverse zones: the in-addr.arpa zone of the DHCP subnet (rounded out to whole octets), plus the
 /24 zone of any host address outside it, so every PTR we publish has an SOA above it.
@@ -14,8 +18,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from dnslib import NS, PTR, QTYPE, RCODE, RR, SOA, A, DNSLabel, DNSRecord
+from dnslib import NS, PTR, QTYPE, RCODE, RR, SOA, A, DNSLabel
+from dnslib.label import DNSBuffer
 
 from pxeserver.policy import NameRecord
 
@@ -27,6 +33,12 @@ TTL = 60  # short: hosts are added and re-addressed while installers look them u
 NEGATIVE_TTL = 30  # SOA minimum: how long a resolver may cache "no such name"
 SERVER_LABEL = b"pxe"  # the server's own name, <SERVER_LABEL>.<domain>, also the zone's NS
 HOSTMASTER_LABEL = b"hostmaster"
+QUESTION_NAME = b"\xc0\x0c"  # a pointer to offset 12, where every reply's question name is
+# dnslib's QTYPE and RCODE tables look a name up on every access; the hot path uses plain ints.
+A_TYPE, NS_TYPE, SOA_TYPE, PTR_TYPE = QTYPE.A, QTYPE.NS, QTYPE.SOA, QTYPE.PTR
+TRANSFER_TYPES = (QTYPE.IXFR, QTYPE.AXFR)
+ANY_TYPE = QTYPE.ANY
+NOERROR, NXDOMAIN, REFUSED = RCODE.NOERROR, RCODE.NXDOMAIN, RCODE.REFUSED
 
 
 def to_name(text: str) -> Name:
@@ -92,19 +104,11 @@ class Zone:
                 self.existing.add(name[start:])
         # Packed answers for the resolver's fast path; they live and die with this snapshot, so
         # an answer computed from an older registry can never outlive it.
-        # Each entry: the reply's header after the ID, the reply after the question, and the
-        # question's name when a newer snapshot may keep the entry (None: it shows the serial).
-        self.cache: dict[bytes, tuple[bytes, bytes, Name | None]] = {}
-
-    def changed_names(self, old: Zone) -> set[Name] | None:
-        """Names whose records differ from an older snapshot's; None if the zones themselves do."""
-        if self.apexes != old.apexes:
-            return None
-        changed = {name for name in self.addresses.keys() | old.addresses.keys()
-                   if self.addresses.get(name) != old.addresses.get(name)}
-        changed.update(name for name in self.pointers.keys() | old.pointers.keys()
-                       if self.pointers.get(name) != old.pointers.get(name))
-        return changed
+        # Packed answers, filled as they are asked for; they live and die with this snapshot,
+        # so a record packed from an older registry can never outlive it.
+        self._positive: dict[tuple[Name, int], Answer] = {}
+        self._negative_soa: dict[Name, bytes] = {}
+        self._glue = name_wire(self.server) + body(A_TYPE, A(settings.server_address), TTL)
 
     def _forward_name(self, hostname: str) -> Name:
         """A hostname already inside the domain stays as it is; anything else gets the domain."""
@@ -122,46 +126,79 @@ class Zone:
 
     # -- answers --------------------------------------------------------------------------
 
-    def answer(self, request: DNSRecord) -> DNSRecord | None:
-        """The authoritative reply to a one-question query, or None when the name is not ours."""
-        question = request.q
-        name = tuple(part.lower() for part in question.qname.label)
+    def lookup(self, name: Name, qtype: int) -> Answer | None:
+        """The authoritative answer for a lower-cased name, or None when the name is not ours."""
+        known = self._positive.get((name, qtype))
+        if known is not None:
+            return known
         apex = self.zone_of(name)
         if apex is None:
             return None
-        reply = request.reply(ra=0, aa=1)
-        if question.qtype in (QTYPE.AXFR, QTYPE.IXFR):
-            reply.header.rcode = RCODE.REFUSED  # no zone transfers: secondaries have no use here
-            return reply
-        owner = question.qname
-        records = self._records(name, apex, owner, question.qtype)
-        if records:
-            for record in records:
-                reply.add_answer(record)
-            if question.qtype in (QTYPE.NS, QTYPE.ANY) and name == apex:
-                reply.add_ar(RR(label(self.server), QTYPE.A, rdata=A(self.server_address), ttl=TTL))
-            return reply
-        if name not in self.existing:
-            reply.header.rcode = RCODE.NXDOMAIN
-        reply.add_auth(self._soa(apex, ttl=NEGATIVE_TTL))  # RFC 2308: min(SOA TTL, minimum)
-        return reply
+        if qtype in TRANSFER_TYPES:
+            return Answer(REFUSED)  # no zone transfers: secondaries have no use here
+        if name in self.existing:
+            records = self._records(name, apex, qtype)
+            if records:
+                # Packed once per snapshot, and only for names that exist: a flood of random
+                # names leaves nothing behind.
+                glue = (self._glue,) if qtype in (NS_TYPE, ANY_TYPE) and name == apex else ()
+                answer = Answer(NOERROR, tuple(QUESTION_NAME + body(*r) for r in records), (), glue)
+                self._positive[(name, qtype)] = answer
+                return answer
+            rcode = NOERROR
+        else:
+            rcode = NXDOMAIN
+        # The SOA's owner, the apex, ends the question name: point at it there. Its TTL in a
+        # negative answer is min(SOA TTL, minimum) (RFC 2308 3).
+        offset = 12 + sum(len(part) + 1 for part in name[:len(name) - len(apex)])
+        owner = (0xC000 | offset).to_bytes(2, "big")
+        soa = self._negative_soa.get(apex)
+        if soa is None:
+            soa = self._negative_soa[apex] = body(SOA_TYPE, self._soa_rdata(), NEGATIVE_TTL)
+        return Answer(rcode, (), (owner + soa,))
 
-    def _records(self, name: Name, apex: Name, owner: DNSLabel, qtype: int) -> list[RR]:
-        found: list[RR] = []
-        wanted = (lambda t: True) if qtype == QTYPE.ANY else (lambda t: t == qtype)
+    def _records(self, name: Name, apex: Name, qtype: int) -> list[tuple[int, object, int]]:
+        """(type, dnslib rdata, TTL) of each record the question asks for."""
+        found: list[tuple[int, object, int]] = []
+        wanted = (lambda t: True) if qtype == ANY_TYPE else (lambda t: t == qtype)
         if name == apex:
-            if wanted(QTYPE.SOA):
-                found.append(self._soa(apex, ttl=TTL, owner=owner))
-            if wanted(QTYPE.NS):
-                found.append(RR(owner, QTYPE.NS, rdata=NS(label(self.server)), ttl=TTL))
-        if wanted(QTYPE.A) and name in self.addresses:
-            found.append(RR(owner, QTYPE.A, rdata=A(self.addresses[name]), ttl=TTL))
-        if wanted(QTYPE.PTR):
+            if wanted(SOA_TYPE):
+                found.append((SOA_TYPE, self._soa_rdata(), TTL))
+            if wanted(NS_TYPE):
+                found.append((NS_TYPE, NS(label(self.server)), TTL))
+        if wanted(A_TYPE) and name in self.addresses:
+            found.append((A_TYPE, A(self.addresses[name]), TTL))
+        if wanted(PTR_TYPE):
             for target in self.pointers.get(name, ()):
-                found.append(RR(owner, QTYPE.PTR, rdata=PTR(label(target)), ttl=TTL))
+                found.append((PTR_TYPE, PTR(label(target)), TTL))
         return found
 
-    def _soa(self, apex: Name, ttl: int, owner: DNSLabel | None = None) -> RR:
+    def _soa_rdata(self) -> SOA:
         times = (3600, 600, 86400, NEGATIVE_TTL)  # refresh, retry, expire, minimum
-        rdata = SOA(label(self.server), label(self.hostmaster), (self.serial, *times))
-        return RR(owner or label(apex), QTYPE.SOA, rdata=rdata, ttl=ttl)
+        return SOA(label(self.server), label(self.hostmaster), (self.serial, *times))
+
+
+class Answer(NamedTuple):
+    """What the zone says about one question: complete records in wire format."""
+
+    rcode: int
+    answer: tuple[bytes, ...] = ()
+    authority: tuple[bytes, ...] = ()
+    additional: tuple[bytes, ...] = ()
+
+
+class _Uncompressed(DNSBuffer):
+    """Packs names in full: a record packed on its own cannot point into a message."""
+
+    encode_name = DNSBuffer.encode_name_nocompress
+
+
+def body(rtype: int, rdata: object, ttl: int) -> bytes:
+    """A record without its owner name: type, class, TTL, length and RDATA, packed by dnslib."""
+    buffer = _Uncompressed()
+    RR(DNSLabel([]), rtype, rdata=rdata, ttl=ttl).pack(buffer)
+    return bytes(buffer.data[1:])  # drop the root owner name, one zero byte
+
+
+def name_wire(name: Name) -> bytes:
+    return b"".join(len(part).to_bytes(1, "big") + part for part in name) + b"\x00"
