@@ -7,9 +7,10 @@ dnsmasq gets them as an addn-hosts file and runs in the foreground with ``--no-r
 --no-hosts``. Each server runs as its own process on 127.0.0.1 and another port, and dnsperf
 sends the same query files to each: one with every name's A record, one with every address's
 PTR (dnsmasq scans its whole cache for a PTR, so the two differ a lot). Per file first one pass
-(cold: pxeserver builds every answer once with dnslib), then timed rounds, alternating between
-the servers so that other load on the machine hits both alike. While dnsperf runs, a
-second thread asks random names with dig and checks every answer against the registry.
+(cold: pxeserver packs each record with dnslib when it is first asked for), then timed rounds,
+alternating between the servers so that other load on the machine hits both alike. While
+dnsperf runs, a second thread asks random names with dig and checks every answer against the
+registry.
 The target for pxeserver: at least 20,000 queries/s, no query lost, every sampled answer right.
 """
 

@@ -87,7 +87,8 @@ def test_malformed_queries_get_an_error_with_their_id(dns: DnsService, client: s
     still_answers(dns.port)
 
 
-def test_stray_header_bits_of_a_query_are_not_echoed(dns: DnsService, client: socket.socket) -> None:
+def test_stray_header_bits_of_a_query_are_not_echoed(dns: DnsService,
+                                                     client: socket.socket) -> None:
     """TC, AA, RA, AD and an RCODE in a query are nonsense; the reply must not repeat them."""
     reply = ask(client, dns.port, header(flags=0x07BF) + QUESTION)  # RD and CD are kept
     assert reply is not None

@@ -267,7 +267,8 @@ class DnsService:
         for connection in [c for c in connections.values() if c.deadline < now]:
             self._close(connection, connections)
 
-    def _close(self, connection: _Connection, connections: dict[socket.socket, _Connection]) -> None:
+    def _close(self, connection: _Connection,
+               connections: dict[socket.socket, _Connection]) -> None:
         connections.pop(connection.sock, None)
         try:
             self._selector.unregister(connection.sock)

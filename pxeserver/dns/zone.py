@@ -68,7 +68,10 @@ class ZoneSettings:
 
 
 class Zone:
-    """A snapshot of the zones at one registry generation; immutable once built."""
+    """A snapshot of the zones at one registry generation.
+
+    Its names never change once built; it only memoises the answers it has packed.
+    """
 
     def __init__(self, settings: ZoneSettings, records: list[NameRecord], generation: int) -> None:
         self.generation = generation
@@ -102,8 +105,6 @@ class Zone:
             apex = self.zone_of(name)
             for start in range(len(name) - len(apex) if apex else 0):
                 self.existing.add(name[start:])
-        # Packed answers for the resolver's fast path; they live and die with this snapshot, so
-        # an answer computed from an older registry can never outlive it.
         # Packed answers, filled as they are asked for; they live and die with this snapshot,
         # so a record packed from an older registry can never outlive it.
         self._positive: dict[tuple[Name, int], Answer] = {}
