@@ -156,3 +156,27 @@ def test_empty_domain_stops_the_start_with_a_clear_error(ctx: Context) -> None:
     ctx.config.dns.domain = "."
     with pytest.raises(OSError, match="domain"):
         DnsService(ctx).start()
+
+
+def test_answer_too_big_for_plain_udp_is_truncated_and_whole_over_tcp(
+        dns: DnsService, ctx: Context) -> None:
+    """Two long names on one address: a reservation made for an address still leased to
+    another MAC. Their PTR answer is over 512 bytes."""
+    long_name = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 47])
+    ctx.provisioning.add_host({"hostname": long_name, "profile": "debian", "ip": "10.0.0.5"})
+    ctx.provisioning.add_host({"mac": MAC, "hostname": "e" + long_name[1:], "profile": "debian"})
+    ctx.store.put_lease(Lease(MacAddress.parse(MAC), "10.0.0.5", time.time() + 3600))
+    truncated = dig(dns.port, "+noedns", "+ignore", "-x", "10.0.0.5")
+    assert "tc" in truncated.flags and truncated.answer == []
+    retried = dig(dns.port, "+noedns", "-x", "10.0.0.5")
+    assert "Truncated, retrying in TCP mode" in retried.output
+    assert sorted(retried.values()) == sorted(f"{name}.{DOMAIN}." for name in
+                                              (long_name, "e" + long_name[1:]))
+    assert "tc" not in dig(dns.port, "+bufsize=1232", "-x", "10.0.0.5").flags  # fits with EDNS
+
+
+def test_name_too_long_with_the_domain_is_left_out(dns: DnsService, ctx: Context) -> None:
+    too_long = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 60])  # valid alone, not + domain
+    ctx.provisioning.add_host({"hostname": too_long, "profile": "debian", "ip": "10.0.0.5"})
+    assert dig(dns.port, "-x", "10.0.0.5").status == "NXDOMAIN"
+    assert dig(dns.port, f"pxe.{DOMAIN}").values() == ["127.0.0.1"]

@@ -97,6 +97,17 @@ def test_stray_header_bits_of_a_query_are_not_echoed(dns: DnsService,
     assert DNSRecord.parse(reply).rr[0].rdata.toZone() == "127.0.0.1"
 
 
+def test_query_with_other_additional_records_is_answered(dns: DnsService,
+                                                        client: socket.socket) -> None:
+    """Not the common shape (dnslib reads it), but a fine query: answered, spelling kept."""
+    extra = b"\x00\x00\x01\x00\x01\x00\x00\x00\x00\x00\x04\x7f\x00\x00\x01"  # an A at the root
+    spelled = b"\x03PXE\x04domu\x07example\x00\x00\x01\x00\x01"
+    reply = ask(client, dns.port, header(ar=1) + spelled + extra)
+    assert reply is not None and rcode_of(reply) == RCODE.NOERROR
+    parsed = DNSRecord.parse(reply)
+    assert str(parsed.q.qname) == "PXE.domu.example." and str(parsed.rr[0].rdata) == "127.0.0.1"
+
+
 def test_thousands_of_mangled_packets_never_stop_the_server(
         dns: DnsService, client: socket.socket, caplog: pytest.LogCaptureFixture) -> None:
     """Bit flips, cuts and random bytes; every reply must still be a well-formed response."""

@@ -86,6 +86,10 @@ class Zone:
         self.addresses: dict[Name, str] = {self.server: settings.server_address}
         for record in records:
             name = self._forward_name(record.hostname)
+            if sum(len(part) + 1 for part in name) > 254:
+                log.warning("host %s is left out of DNS: with the domain its name is longer "
+                            "than DNS allows (253 characters)", record.hostname)
+                continue
             if name == self.server:
                 log.warning("host %s is named like the DNS server itself; %s answers with the "
                             "server's address", record.hostname, b".".join(name).decode())
