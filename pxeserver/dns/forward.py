@@ -25,8 +25,8 @@ from pxeserver.dns.resolver import Forward, error_reply, fit_udp
 
 log = logging.getLogger(__name__)
 
-WORKERS = 8
-MAX_IN_FLIGHT = 512
+WORKERS = 16
+MAX_IN_FLIGHT = 64  # beyond this a client waits longer than it would wait for us anyway
 TIMEOUT = 2.0  # seconds for one upstream answer, UDP and TCP retry each
 MAX_STRAY_DATAGRAMS = 16  # replies with a wrong ID we skip before giving up
 
