@@ -6,6 +6,7 @@ fixed set of records, its UDP side truncating at 512 bytes like any server witho
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -15,7 +16,7 @@ from dnslib import QTYPE, RCODE, RR, TXT, A, DNSRecord
 from dnslib.server import BaseResolver, DNSHandler, DNSServer
 
 from pxeserver.app import Context
-from pxeserver.dns import DnsService
+from pxeserver.dns import DnsService, forward
 
 BIG_TEXTS = 12  # 12 TXT strings of 60 bytes: about 900 bytes, more than 512, less than 1232
 
@@ -122,3 +123,27 @@ def test_bad_upstream_stops_the_start_with_a_clear_error(ctx: Context, upstream:
     ctx.config.dns.upstream = upstream
     with pytest.raises(OSError, match="upstream must be an IPv4 address and port"):
         DnsService(ctx).start()
+
+
+def test_silent_upstream_cannot_pile_up_queries(ctx: Context) -> None:
+    """Queries beyond the in-flight bound get SERVFAIL at once; local names are unaffected."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # receives, never answers
+        service = forwarding_service(ctx, f"127.0.0.1:{silent.getsockname()[1]}")
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                client.settimeout(0.5)
+                for number in range(200):
+                    query = DNSRecord.question(f"n{number}.outside.test").pack()
+                    client.sendto(query, ("127.0.0.1", service.port))
+                servfails = 0
+                try:
+                    while True:
+                        reply = client.recv(512)
+                        servfails += reply[3] & 0x0F == RCODE.SERVFAIL
+                except TimeoutError:
+                    pass
+            assert servfails >= 200 - forward.MAX_IN_FLIGHT
+            assert dig(service.port, f"pxe.{DOMAIN}").values() == ["127.0.0.1"]
+        finally:
+            service.stop()
