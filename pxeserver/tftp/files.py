@@ -5,41 +5,50 @@ agree), then by an admin-provided file on disk. Everything else is a regular fil
 TFTP root, contained by its *real* path: the name is resolved with every symlink followed and
 must still lie inside the root's real path. As with tftp-hpa, only world-readable files are
 published: a server running as root would otherwise hand out a file its admin made private. Small files are read whole (one syscall), large
-ones memory-mapped, so a block is a slice and 300 clients of one initrd share the page cache.
+ones read block by block with ``pread`` from an open descriptor (one call per window). Not
+mmap: an admin copying a new initrd over the old one truncates it, and touching a mapped page
+past the new end raises SIGBUS, which would kill the whole server; a short ``pread`` only
+ends that one transfer early.
 """
 
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from pxeserver import pxelinux
 from pxeserver.policy import PXELINUX_DIR, BootPolicy
 from pxeserver.tftp.packets import ErrorCode, TftpError, netascii
 
-READ_WHOLE_LIMIT = 1 << 20  # smaller files are read into memory, larger ones mapped
+READ_WHOLE_LIMIT = 1 << 20  # smaller files are read into memory, larger ones block by block
 NETASCII_LIMIT = 16 << 20  # netascii is converted in memory; nobody boots a kernel in it
 
 
-@dataclass
 class Source:
-    """The bytes of one transfer and where they came from."""
+    """The bytes of one transfer (in memory, or a descriptor) and where they came from."""
 
-    name: str  # the normalised name, as recorded in events
-    data: bytes | mmap.mmap
-    from_policy: bool = False  # a boot config the policy generated for this name
+    def __init__(self, name: str, data: bytes | int, size: int, from_policy: bool = False) -> None:
+        self.name = name  # the normalised name, as recorded in events
+        self.size = size  # fixed when opened: a file that grows later is sent as it was
+        self.from_policy = from_policy  # a boot config the policy generated for this name
+        self._memory = data if isinstance(data, bytes) else None
+        self._fd = data if isinstance(data, int) else -1
 
-    @property
-    def size(self) -> int:
-        return len(self.data)
+    @classmethod
+    def of_bytes(cls, name: str, data: bytes, from_policy: bool = False) -> Source:
+        return cls(name, data, len(data), from_policy)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self._memory is not None:
+            return self._memory[offset:offset + length]
+        return os.pread(self._fd, length, offset)
 
     def close(self) -> None:
-        if isinstance(self.data, mmap.mmap):
-            self.data.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def normalise(filename: str) -> str:
@@ -69,9 +78,9 @@ class Resolver:
             if source.size > NETASCII_LIMIT:
                 source.close()
                 raise TftpError(ErrorCode.NOT_DEFINED, "file too large for netascii; use octet mode")
-            converted = netascii(bytes(source.data))
+            converted = netascii(source.read(0, source.size))
             source.close()
-            source = Source(source.name, converted, source.from_policy)
+            source = Source.of_bytes(source.name, converted, source.from_policy)
         return source
 
     def _boot_config(self, name: str, client_ip: str) -> Source | None:
@@ -81,7 +90,7 @@ class Resolver:
         spec = self.policy.pxelinux_config(config_name, client_ip)
         if spec is None:
             return None
-        return Source(name, pxelinux.render(spec).encode(), from_policy=True)
+        return Source.of_bytes(name, pxelinux.render(spec).encode(), from_policy=True)
 
     def _file(self, name: str) -> Source:
         root = os.path.realpath(self.root)
@@ -103,14 +112,11 @@ class Resolver:
                 raise TftpError(ErrorCode.FILE_NOT_FOUND, "not a regular file")
             if not info.st_mode & stat.S_IROTH:
                 raise TftpError(ErrorCode.ACCESS_VIOLATION, "file is not world-readable")
-            if info.st_size == 0:
-                data: bytes | mmap.mmap = b""
-            elif info.st_size <= READ_WHOLE_LIMIT:
-                data = os.pread(fd, info.st_size, 0)
-            else:
-                data = mmap.mmap(fd, info.st_size, prot=mmap.PROT_READ)
-        except PermissionError:
-            raise TftpError(ErrorCode.ACCESS_VIOLATION, "permission denied") from None
-        finally:
+            if info.st_size > READ_WHOLE_LIMIT:
+                return Source(name, fd, info.st_size)  # the Source closes the descriptor
+            data = os.pread(fd, info.st_size, 0)
+        except BaseException:
             os.close(fd)
-        return Source(name, data)
+            raise
+        os.close(fd)
+        return Source.of_bytes(name, data)

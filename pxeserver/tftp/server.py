@@ -230,16 +230,14 @@ class TftpService:
         if request.opcode == WRQ:
             raise TftpError(ErrorCode.ACCESS_VIOLATION, "this server is read-only")
         source = self._resolver.open(request.filename, peer[0], request.mode)
+        sock = None
         try:
             options = negotiate(request.options, source.size, self.config.max_blksize, self.config.max_windowsize)
-            sock = _transfer_socket(strangers.getsockname()[0], strangers.getsockname()[1])
-        except BaseException:
-            source.close()
-            raise
-        try:
+            sock = _transfer_socket(*strangers.getsockname())
             sock.connect(peer)
         except BaseException:
-            sock.close()
+            if sock is not None:
+                sock.close()
             source.close()
             raise
         return Session(sock, strangers, peer, source, options, self.config.timeout, self.config.retries)

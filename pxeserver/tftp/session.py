@@ -123,12 +123,13 @@ class Session:
             self._send_window(now)
 
     def _send_window(self, now: float) -> None:
-        blksize, data, send = self.blksize, self.source.data, self.sock.send
+        blksize, send, first = self.blksize, self.sock.send, self.acked + 1
         last = min(self.acked + self.windowsize, self.total_blocks)
         try:
-            for block in range(self.acked + 1, last + 1):
-                offset = (block - 1) * blksize
-                send(HEADER.pack(DATA, block & 0xFFFF) + data[offset:offset + blksize])
+            window = self.source.read(self.acked * blksize, (last - self.acked) * blksize)
+            for block in range(first, last + 1):
+                offset = (block - first) * blksize
+                send(HEADER.pack(DATA, block & 0xFFFF) + window[offset:offset + blksize])
         except OSError:
             pass  # a full socket buffer loses the rest of the window; the deadline resends it
         self.stats.packets_sent += last - self.acked
