@@ -78,35 +78,31 @@ class Session:
         if len(packet) < 4:
             return  # truncated: ignored, the deadline retransmits if it mattered
         opcode, block = HEADER.unpack_from(packet)
-        if opcode == ACK:
-            self._on_ack(block, now)
+        if opcode == ACK and self.sent:
+            # Map the 16-bit number onto the blocks in flight; anything else is a duplicate or
+            # stale ACK and is ignored (no retransmission on duplicates).
+            advance = (block - self.acked) & 0xFFFF
+            if advance == 0 or advance > self.sent - self.acked:
+                return
+            self.acked += advance
+            self.retries = 0
+            if self.acked == self.total_blocks:
+                self.completed = True
+                self._finish(now)
+            else:
+                # A full window acknowledged sends the next one; a partial ACK (RFC 7440: the
+                # client saw a gap) resends from the block after the last one it has in order.
+                self._send_window(now)
+        elif opcode == ACK:  # the OACK is out; only ACK 0 moves on
+            if block == 0:
+                self.retries = 0
+                self._send_window(now)
         elif opcode == ERROR:
             # The client gave up, or (ERROR 8 after an OACK) only wanted the tsize.
             self._finish(now)
         else:
             self._send(encode_error(ErrorCode.ILLEGAL_OPERATION, "expected an ACK"))
             self._finish(now)
-
-    def _on_ack(self, block: int, now: float) -> None:
-        if self.sent == 0:  # the OACK is out; only ACK 0 moves on
-            if block == 0:  # the client accepted the OACK
-                self.retries = 0
-                self._send_window(now)
-            return
-        # Map the 16-bit number onto the blocks in flight; anything else is a duplicate or
-        # stale ACK and is ignored (no retransmission on duplicates).
-        advance = (block - self.acked) & 0xFFFF
-        if advance == 0 or advance > self.sent - self.acked:
-            return
-        self.acked += advance
-        self.retries = 0
-        if self.acked == self.total_blocks:
-            self.completed = True
-            self._finish(now)
-        else:
-            # A full window acknowledged sends the next one; a partial ACK (RFC 7440: the
-            # client saw a gap) resends from the block after the last one it has in order.
-            self._send_window(now)
 
     def on_timeout(self, now: float) -> None:
         self.stats.timeouts += 1
