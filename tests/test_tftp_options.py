@@ -13,6 +13,7 @@ import tftpy
 
 from pxeserver.app import Context
 from pxeserver.tftp import TftpService
+from tftp_support import client  # noqa: F401 (a fixture)
 from tftp_support import RawClient, ack, request, running
 
 SIZE = 5000
@@ -23,13 +24,6 @@ def service(ctx: Context) -> Iterator[TftpService]:
     (ctx.config.tftp_root / "file").write_bytes(os.urandom(SIZE))
     with running(ctx) as tftp:
         yield tftp
-
-
-@pytest.fixture
-def client(service: TftpService) -> Iterator[RawClient]:
-    raw = RawClient(service.port)
-    yield raw
-    raw.close()
 
 
 def expected(ctx: Context) -> bytes:

@@ -15,6 +15,7 @@ import pytest
 
 from pxeserver.app import Context
 from pxeserver.tftp import TftpService
+from tftp_support import client  # noqa: F401 (a fixture)
 from tftp_support import DATA, WRQ, RawClient, ack, error_of, request, running
 
 
@@ -23,13 +24,6 @@ def service(ctx: Context) -> Iterator[TftpService]:
     (ctx.config.tftp_root / "pxelinux.0").write_bytes(b"loader" * 1000)
     with running(ctx) as tftp:
         yield tftp
-
-
-@pytest.fixture
-def client(service: TftpService) -> Iterator[RawClient]:
-    raw = RawClient(service.port)
-    yield raw
-    raw.close()
 
 
 def still_serves(port: int) -> None:
@@ -158,3 +152,17 @@ def test_garbage_inside_a_transfer_does_not_end_it(service: TftpService, ctx: Co
     client.send(ack(1), tid)
     reply, _ = client.recv()
     assert reply == b"\x00\x03\x00\x02b"
+
+
+def test_file_truncated_during_a_transfer_does_not_stop_the_service(
+        service: TftpService, ctx: Context, client: RawClient) -> None:
+    big = ctx.config.tftp_root / "images" / "initrd"  # large: read block by block, not held in memory
+    big.write_bytes(os.urandom(3 * 1024 * 1024))
+    reply, tid = client.ask(request("images/initrd", blksize=1468))
+    client.send(ack(0), tid)
+    client.recv()
+    big.write_bytes(b"")  # an admin copies a new initrd over it, in place
+    client.send(ack(1), tid)
+    reply, _ = client.recv()
+    assert reply[:4] == b"\x00\x03\x00\x02" and len(reply) == 4  # a short block ends that transfer
+    still_serves(service.port)

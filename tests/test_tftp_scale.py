@@ -85,3 +85,15 @@ def test_cap_per_client_address(ctx: Context) -> None:
         assert error_of(third.ask(request("file"))[0]) == (0, "too many transfers from your address")
         other = RawClient(service.port, source="127.0.0.2")  # another machine is still served
         assert other.download("file")[0] == b"y" * 2000
+
+
+def test_abandoned_transfer_is_given_up_after_its_retries(ctx: Context) -> None:
+    ctx.config.tftp.retries = 1
+    (ctx.config.tftp_root / "file").write_bytes(b"z" * 2000)
+    with running(ctx) as service:
+        silent = RawClient(service.port)
+        reply, _ = silent.ask(request("file", timeout=1))  # then never acknowledges
+        assert service.active_sessions == 1
+        time.sleep(2.6)  # one resend after 1 s, given up 1 s later
+        assert service.active_sessions == 0
+        assert RawClient(service.port).download("file")[0] == b"z" * 2000

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import pytest
+
 from pxeserver.app import Context
 from pxeserver.tftp import TftpService
 
@@ -31,6 +33,14 @@ def running(context: Context) -> Iterator[TftpService]:
         yield service
     finally:
         service.stop()
+
+
+@pytest.fixture
+def client(service: TftpService) -> Iterator[RawClient]:
+    """A raw client of the module's ``service`` fixture (import it into the test module)."""
+    raw = RawClient(service.port)
+    yield raw
+    raw.close()
 
 
 def request(name: str | bytes, mode: str = "octet", opcode: int = RRQ, **options: object) -> bytes:
