@@ -178,3 +178,16 @@ def test_tftp_hpa_reports_missing_file_and_refuses_upload(service: TftpService, 
     result = tftp_hpa(service.port, tmp_path, "put", "upload")
     assert "Error code 2" in result.stdout + result.stderr
     assert not (root / "upload").exists()
+
+
+def test_each_transfer_is_logged_once(service: TftpService, root: Path, tmp_path: Path,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="pxeserver.tftp")
+    (root / "pxelinux.0").write_bytes(b"x" * 1000)
+    assert curl(service.port, "pxelinux.0", tmp_path / "out", "--tftp-blksize", "1468").returncode == 0
+    for _ in range(50):
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tftp: sent pxelinux.0")]
+        if lines:
+            break
+        time.sleep(0.1)
+    assert len(lines) == 1 and "to 127.0.0.1 (1000 bytes, blksize 1468" in lines[0], lines

@@ -31,6 +31,9 @@ class Transfer:
     blksize: int
     seconds: float
     boot_config: bool  # a pxelinux config the policy generated
+    packets: int = 0
+    retransmits: int = 0
+    wrong_tid: int = 0
 
 
 def host_mac(policy: BootPolicy, transfer: Transfer) -> MacAddress | None:
@@ -77,8 +80,9 @@ class EventRecorder:
                 log.exception("could not record tftp transfer of %s", transfer.name)
 
     def _record(self, transfer: Transfer) -> None:
-        log.info("tftp: sent %s to %s (%d bytes, blksize %d, %.2f s)", transfer.name,
-                 transfer.client_ip, transfer.size, transfer.blksize, transfer.seconds)
+        log.info("tftp: sent %s to %s (%d bytes, blksize %d, %.2f s, %d packets, %d resent, %d wrong TID)",
+                 transfer.name, transfer.client_ip, transfer.size, transfer.blksize, transfer.seconds,
+                 transfer.packets, transfer.retransmits, transfer.wrong_tid)
         mac = host_mac(self.policy, transfer)
         if mac is None or self.policy.host(mac) is None:
             return

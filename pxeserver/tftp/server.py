@@ -252,9 +252,10 @@ class TftpService:
         if self._per_client[client_ip] <= 0:
             del self._per_client[client_ip]
         if session.completed and self._events is not None:
-            self._events.add(Transfer(client_ip, session.source.name, session.source.size,
-                                      session.blksize, session.stats.finished - session.stats.started,
-                                      session.source.from_policy))
+            stats = session.stats
+            self._events.add(Transfer(client_ip, session.source.name, session.source.size, session.blksize,
+                                      stats.finished - stats.started, session.source.from_policy,
+                                      stats.packets_sent, stats.retransmits, stats.wrong_tid))
         session.source.close()
 
     def _reply_from_listener(self, packet: bytes, peer: tuple[str, int]) -> None:

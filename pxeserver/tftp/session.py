@@ -28,6 +28,8 @@ from pxeserver.tftp.packets import ACK, DATA, ERROR, HEADER, ErrorCode, Negotiat
 
 @dataclass
 class Stats:
+    """What one transfer cost; logged when it ends, so slow or lossy clients stand out."""
+
     started: float
     finished: float = 0.0
     packets_sent: int = 0
@@ -142,7 +144,3 @@ class Session:
     def _finish(self, now: float) -> None:
         self.done = True
         self.stats.finished = now
-
-    @property
-    def bytes_sent(self) -> int:
-        return min(self.acked * self.blksize, self.source.size)
