@@ -166,3 +166,15 @@ def test_file_truncated_during_a_transfer_does_not_stop_the_service(
     reply, _ = client.recv()
     assert reply[:4] == b"\x00\x03\x00\x02" and len(reply) == 4  # a short block ends that transfer
     still_serves(service.port)
+
+
+def test_wildcard_bind_answers_from_the_address_the_client_asked(ctx: Context) -> None:
+    """PXE ROMs drop a reply from another address than the one they sent the request to."""
+    ctx.config.tftp.address = "0.0.0.0"
+    (ctx.config.tftp_root / "pxelinux.0").write_bytes(b"loader")
+    with running(ctx) as service:
+        raw = RawClient(service.port)
+        raw.send(request("pxelinux.0"), ("127.0.0.3", service.port))
+        reply, sender = raw.recv()
+        assert reply == b"\x00\x03\x00\x01loader" and sender[0] == "127.0.0.3"
+        raw.close()

@@ -46,6 +46,7 @@ MAX_EVENTS = 1024  # readiness events handled per wakeup
 TICK = 0.05  # seconds between deadline scans: the resolution of retransmit timers
 RECEIVE_SIZE = 1024  # requests, ACKs and ERRORs are small; larger datagrams are truncated
 LISTENER_BUFFER = 4 << 20  # a burst of a thousand RRQs must not overflow the default buffer
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux's value; Python 3.11's socket module lacks it
 
 
 class TftpService:
@@ -78,7 +79,7 @@ class TftpService:
             raise OSError(exc.errno, f"tftp: cannot bind {self.config.address}:{self.config.port}: {exc.strerror}") from None
         _enlarge_receive_buffer(listener)
         if self.config.address == "0.0.0.0":
-            listener.setsockopt(socket.IPPROTO_IP, socket.IP_PKTINFO, 1)
+            listener.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         listener.setblocking(False)
         self.port = listener.getsockname()[1]
         self._listener = listener
@@ -159,7 +160,7 @@ class TftpService:
                 continue
             local = bound
             for level, kind, data in ancillary:
-                if level == socket.IPPROTO_IP and kind == socket.IP_PKTINFO and len(data) >= 12:
+                if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
                     local = socket.inet_ntoa(data[8:12])  # in_pktinfo.ipi_addr: where it was sent
             self._on_request(packet, peer, local)
 
