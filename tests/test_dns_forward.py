@@ -125,6 +125,7 @@ def test_bad_upstream_stops_the_start_with_a_clear_error(ctx: Context, upstream:
         DnsService(ctx).start()
 
 
+@pytest.mark.slow
 def test_silent_upstream_cannot_pile_up_queries(ctx: Context) -> None:
     """Queries beyond the in-flight bound get SERVFAIL at once; local names are unaffected."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:

@@ -132,6 +132,7 @@ def test_compression_pointer_chains_are_cheap_to_refuse(dns: DnsService,
     assert result.values() == ["127.0.0.1"] and time.monotonic() - started < 2.0
 
 
+@pytest.mark.slow
 def test_thousands_of_mangled_packets_never_stop_the_server(
         dns: DnsService, client: socket.socket, caplog: pytest.LogCaptureFixture) -> None:
     """Bit flips, cuts and random bytes; every reply must still be a well-formed response."""
