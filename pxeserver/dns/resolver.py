@@ -91,7 +91,7 @@ def fit_udp(response: bytes, limit: int) -> bytes:
     if len(response) <= limit:
         return response
     try:
-        full = DNSRecord.parse(response)
+        full = _parse(response)
     except Exception:  # dnslib raises several types for bad bytes; a header-only TC still helps
         return response[:2] + bytes((response[2] | 0x02, response[3])) + bytes(8)
     short = DNSRecord(DNSHeader(id=full.header.id, bitmap=full.header.bitmap, tc=1), q=full.q)
