@@ -185,7 +185,10 @@ class DnsService:
         for _ in range(MAX_TCP_CONNECTIONS):
             try:
                 sock, _address = self._tcp.accept()
-            except (BlockingIOError, ConnectionAbortedError):
+            except BlockingIOError:
+                return
+            except OSError as exc:  # out of file descriptors, or the client gave up already
+                log.debug("dns: accept failed: %s", exc)
                 return
             if len(connections) >= MAX_TCP_CONNECTIONS:
                 sock.close()  # full: the client falls back to UDP or retries later
