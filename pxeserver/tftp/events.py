@@ -86,6 +86,7 @@ class EventRecorder:
         mac = host_mac(self.policy, transfer)
         if mac is None or self.policy.host(mac) is None:
             return
-        self.policy.record(mac, "tftp", f"sent {transfer.name} ({transfer.size} bytes, blksize {transfer.blksize})")
+        what = f"sent {transfer.name} ({transfer.size} bytes, blksize {transfer.blksize})"
+        self.policy.record(mac, "tftp", what)
         if transfer.boot_config:
             self.policy.advance(mac, Status.NETBOOTING)

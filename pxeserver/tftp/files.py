@@ -4,11 +4,12 @@
 agree), then by an admin-provided file on disk. Everything else is a regular file under the
 TFTP root, contained by its *real* path: the name is resolved with every symlink followed and
 must still lie inside the root's real path. As with tftp-hpa, only world-readable files are
-published: a server running as root would otherwise hand out a file its admin made private. Small files are read whole (one syscall), large
-ones read block by block with ``pread`` from an open descriptor (one call per window). Not
-mmap: an admin copying a new initrd over the old one truncates it, and touching a mapped page
-past the new end raises SIGBUS, which would kill the whole server; a short ``pread`` only
-ends that one transfer early.
+published: a server running as root would otherwise hand out a file its admin made private.
+
+Small files are read whole (one syscall), large ones block by block with ``pread`` from an
+open descriptor (one call per window). Not mmap: an admin copying a new initrd over the old
+one truncates it, and touching a mapped page past the new end raises SIGBUS, which would kill
+the whole server; a short ``pread`` only ends that one transfer early.
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ per client address, and every loop is bounded (packets drained per wakeup, sessi
 per tick), so a flood from one client cannot starve the others.
 
 Each transfer gets a fresh port (its TID, RFC 1350; two sockets, see session.py) bound to the
-address the request came in on. Quirk: PXE ROMs drop a reply whose source address differs from the one they asked
-(pixiecore hits the same), so on a wildcard bind IP_PKTINFO tells which address that was.
+address the request came in on. Quirk: PXE ROMs drop a reply whose source address differs
+from the one they asked (pixiecore hits the same), so on a wildcard bind IP_PKTINFO tells
+which address that was. Requests also go unanswered when the listening socket's buffer
+overflows, as a rack powering on at once can make it: it is enlarged to 4 MiB.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ class TftpService:
             listener.bind((self.config.address, self.config.port))
         except OSError as exc:
             listener.close()
-            raise OSError(exc.errno, f"tftp: cannot bind {self.config.address}:{self.config.port}: {exc.strerror}") from None
+            where = f"{self.config.address}:{self.config.port}"
+            raise OSError(exc.errno, f"tftp: cannot bind {where}: {exc.strerror}") from None
         _enlarge_receive_buffer(listener)
         if self.config.address == "0.0.0.0":
             listener.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
@@ -193,7 +196,8 @@ class TftpService:
             self._reply_from_listener(encode_error(ErrorCode.NOT_DEFINED, "server busy, try again"), peer)
             return
         if self._per_client[client_ip] >= self.config.max_sessions_per_client:
-            self._reply_from_listener(encode_error(ErrorCode.NOT_DEFINED, "too many transfers from your address"), peer)
+            refusal = encode_error(ErrorCode.NOT_DEFINED, "too many transfers from your address")
+            self._reply_from_listener(refusal, peer)
             return
         try:
             strangers = _transfer_socket(local, 0)
@@ -227,7 +231,8 @@ class TftpService:
         source = self._resolver.open(request.filename, peer[0], request.mode)
         sock = None
         try:
-            options = negotiate(request.options, source.size, self.config.max_blksize, self.config.max_windowsize)
+            limits = self.config.max_blksize, self.config.max_windowsize
+            options = negotiate(request.options, source.size, *limits)
             sock = _transfer_socket(*strangers.getsockname())
             sock.connect(peer)
         except BaseException:
