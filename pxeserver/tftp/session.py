@@ -121,17 +121,26 @@ class Session:
             self._send_window(now)
 
     def _send_window(self, now: float) -> None:
-        blksize, send, first = self.blksize, self.sock.send, self.acked + 1
-        last = min(self.acked + self.windowsize, self.total_blocks)
+        """Send blocks acked+1 .. acked+windowsize (fewer at the end of the file)."""
+        blksize, first = self.blksize, self.acked + 1
+        last = first + self.windowsize - 1
+        if last > self.total_blocks:
+            last = self.total_blocks
         try:
-            window = self.source.read(self.acked * blksize, (last - self.acked) * blksize)
-            for block in range(first, last + 1):
-                offset = (block - first) * blksize
-                send(HEADER.pack(DATA, block & 0xFFFF) + window[offset:offset + blksize])
+            if first == last:  # lockstep, the common case: one read, one send, no loop
+                payload = self.source.read(self.acked * blksize, blksize)
+                self.sock.send(HEADER.pack(DATA, first & 0xFFFF) + payload)
+            else:
+                send = self.sock.send
+                window = self.source.read(self.acked * blksize, (last - self.acked) * blksize)
+                for block in range(first, last + 1):
+                    offset = (block - first) * blksize
+                    send(HEADER.pack(DATA, block & 0xFFFF) + window[offset:offset + blksize])
         except OSError:
-            pass  # a full socket buffer loses the rest of the window; the deadline resends it
+            pass  # a full socket buffer (or a failed read) loses the rest; the deadline resends it
         self.stats.packets_sent += last - self.acked
-        self.sent = max(self.sent, last)
+        if last > self.sent:
+            self.sent = last
         self.deadline = now + self.timeout
 
     def _send(self, packet: bytes) -> None:
