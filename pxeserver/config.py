@@ -167,6 +167,11 @@ def validate(config: Config) -> None:
             raise ConfigError(f"[{name}] port {port} is out of range")
     if config.dhcp.mode not in ("full", "proxy"):
         raise ConfigError(f"[dhcp] mode must be 'full' or 'proxy', not {config.dhcp.mode!r}")
+    for key, low, high in (("timeout", 1, 255), ("retries", 0, 100), ("max_blksize", 8, 65464),
+                           ("max_windowsize", 1, 65535), ("max_sessions", 1, 1_000_000),
+                           ("max_sessions_per_client", 1, 1_000_000)):
+        if not low <= getattr(config.tftp, key) <= high:
+            raise ConfigError(f"[tftp] {key} must be {low}..{high}, not {getattr(config.tftp, key)}")
     try:
         ipaddress.IPv4Network(config.dhcp.subnet)
         if config.server.address:

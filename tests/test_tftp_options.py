@@ -120,3 +120,13 @@ def test_40_mb_at_512_byte_blocks_rolls_over(ctx: Context, service: TftpService,
     # and pypxeboot's tftpy client (no options: 512-byte blocks) gets the same bytes
     tftpy.TftpClient("127.0.0.1", service.port).download("initrd.img", str(tmp_path / "tftpy.img"))
     assert (tmp_path / "tftpy.img").read_bytes() == payload
+
+
+@pytest.mark.parametrize("key, value", [("max_blksize", 4), ("max_windowsize", 0), ("timeout", 0), ("max_sessions", 0)])
+def test_tftp_limits_out_of_range_are_a_config_error(tmp_path: Path, key: str, value: int) -> None:
+    from pxeserver import config
+
+    file = tmp_path / "pxeserver.toml"
+    file.write_text(f"[tftp]\n{key} = {value}\n")
+    with pytest.raises(config.ConfigError, match=rf"\[tftp\] {key} must be"):
+        config.load(file)
