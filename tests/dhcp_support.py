@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -80,3 +81,16 @@ def veth_link(tag: str, prefix: int = 24) -> Iterator[Link]:
 
 def can_make_namespaces() -> bool:
     return os.geteuid() == 0 and os.path.exists("/proc/thread-self/ns/net")
+
+
+def udhcpc(link: Link, tmp_path: Path, attempts: int = 3) -> dict[str, str] | None:
+    """Run busybox udhcpc once; the environment its script saw on "bound", or None."""
+    out = tmp_path / "udhcpc.env"
+    script = tmp_path / "udhcpc.sh"
+    script.write_text(f'#!/bin/sh\n[ "$1" = bound ] && env > {out}\nexit 0\n')
+    script.chmod(0o755)
+    link.in_client("busybox", "udhcpc", "-i", CLIENT_IF, "-f", "-q", "-n", "-t", str(attempts),
+                   "-T", "1", "-s", str(script), "-O", "tftp", "-O", "bootfile", check=False)
+    if not out.exists():
+        return None
+    return dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)

@@ -20,6 +20,7 @@ from dhcp_support import (
     Link,
     can_make_namespaces,
     inside,
+    udhcpc,
     veth_link,
 )
 from scapy.layers.dhcp import BOOTP, DHCP
@@ -79,19 +80,6 @@ def register(context: app.Context, mac: str = HOST_MAC, ip: str | None = HOST_IP
     if ip:
         data["ip"] = ip
     context.provisioning.add_host(data)
-
-
-def udhcpc(link: Link, tmp_path: Path, attempts: int = 3) -> dict[str, str] | None:
-    """Run busybox udhcpc once; the environment its script saw on "bound", or None."""
-    out = tmp_path / "udhcpc.env"
-    script = tmp_path / "udhcpc.sh"
-    script.write_text(f'#!/bin/sh\n[ "$1" = bound ] && env > {out}\nexit 0\n')
-    script.chmod(0o755)
-    link.in_client("busybox", "udhcpc", "-i", CLIENT_IF, "-f", "-q", "-n", "-t", str(attempts),
-                   "-T", "1", "-s", str(script), "-O", "tftp", "-O", "bootfile", check=False)
-    if not out.exists():
-        return None
-    return dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
 
 
 def client_socket(link: Link, port: int, address: str = "0.0.0.0") -> socket.socket:

@@ -1,0 +1,137 @@
+"""The whole boot chain against one `pxeserver serve`, as a domU on a Xen bridge sees it.
+
+The server runs in its own network namespace with DHCP, DNS, TFTP and HTTP enabled; the
+"domU" is a second namespace joined by a veth pair, with a registered 00:16:3e MAC. Every
+step uses the real client a guest or pypxeboot would: busybox udhcpc, the tftp-hpa client,
+curl, dig. Then the install-complete callback the preseed carries, and the next boot is local.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dhcp_support import CLIENT_IF, SERVER_IF, SERVER_IP, Link, can_make_namespaces, udhcpc, veth_link
+
+from conftest import REPO
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.netns,
+    pytest.mark.skipif(not can_make_namespaces(), reason="needs root for network namespaces"),
+]
+
+MAC = "00:16:3e:12:34:56"
+GUEST_IP = "10.77.0.50"
+
+
+def cli(workdir: Path, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "pxeserver", *args], cwd=workdir,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def tftp_get(link: Link, workdir: Path, name: str) -> bytes:
+    """The tftp-hpa client in the guest's namespace; the file's bytes (empty if none came)."""
+    target = workdir / "fetched"
+    target.unlink(missing_ok=True)
+    link.in_client("tftp", SERVER_IP, "-m", "binary", "-c", "get", name, str(target), check=False)
+    return target.read_bytes() if target.exists() else b""
+
+
+def curl(link: Link, *args: str) -> str:
+    return link.in_client("curl", "-fsS", "--max-time", "20", *args).stdout
+
+
+def dig(link: Link, *args: str) -> str:
+    return link.in_client("dig", f"@{SERVER_IP}", "+short", "+time=2", "+tries=2", *args).stdout.strip()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    images = tmp_path / "tftproot" / "images" / "debian12"
+    images.mkdir(parents=True)
+    (images / "linux").write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    (images / "initrd.gz").write_bytes(bytes(reversed(range(256))) * 12288)  # 3 MiB
+    shutil.copy("/usr/lib/PXELINUX/pxelinux.0", tmp_path / "tftproot" / "pxelinux.0")
+    (tmp_path / "pxeserver.toml").write_text(
+        f'[server]\naddress = "{SERVER_IP}"\n'
+        f'kickstarts = "{REPO / "kickstarts"}"\npreseeds = "{REPO / "preseeds"}"\n'
+        f'[dhcp]\nenabled = true\ninterface = "{SERVER_IF}"\nsubnet = "10.77.0.0/24"\n'
+        f'router = "{SERVER_IP}"\n'
+        '[dns]\nenabled = true\ndomain = "lab.example"\n'
+    )
+    return tmp_path
+
+
+def test_a_guest_goes_from_dhcp_to_installed_and_then_boots_locally(workdir: Path) -> None:
+    cli(workdir, "profile", "add", "debian12", "--kernel", "images/debian12/linux",
+        "--initrd", "images/debian12/initrd.gz", "--append", "console=hvc0",
+        "--autoinstall", "debian-xen.cfg")
+    cli(workdir, "host", "add", "--mac", MAC, "--hostname", "web1", "--profile", "debian12", "--ip", GUEST_IP)
+    with veth_link("chain") as link:
+        link.set_client_mac(MAC)
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", link.server_ns, sys.executable, "-m", "pxeserver", "serve"],
+            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            banner = []
+            for line in server.stdout:
+                banner.append(line)
+                if line.startswith("pxeserver: next:"):
+                    break
+            assert any("dhcp listening" in line for line in banner), banner
+
+            # 1. DHCP, as pypxeboot's udhcpc reads it.
+            lease = udhcpc(link, workdir)
+            assert lease is not None, "no DHCP lease"
+            assert (lease["ip"], lease["siaddr"], lease["boot_file"]) == (GUEST_IP, SERVER_IP, "pxelinux.0")
+            assert (lease["hostname"], lease["dns"], lease["domain"]) == ("web1", SERVER_IP, "lab.example")
+            link.in_client("ip", "addr", "add", f"{GUEST_IP}/24", "dev", CLIENT_IF)
+
+            # 2. TFTP: the boot loader, then the config by the MAC as a user typed it.
+            assert tftp_get(link, workdir, "pxelinux.0") == Path("/usr/lib/PXELINUX/pxelinux.0").read_bytes()
+            config = tftp_get(link, workdir, "pxelinux.cfg/01-00-16-3E-12-34-56").decode()
+            append = dict(w.split("=", 1) for w in re.search(r"append (.*)", config).group(1).split())
+            kernel = re.search(r"kernel (\S+)", config).group(1)
+            assert tftp_get(link, workdir, kernel) == (workdir / "tftproot" / kernel).read_bytes()
+            curl(link, "-o", str(workdir / "initrd"), f"http://{SERVER_IP}/boot/{append['initrd']}")
+            assert (workdir / "initrd").read_bytes() == (workdir / "tftproot" / append["initrd"]).read_bytes()
+
+            # 3. The installer: its name service and its preseed.
+            assert dig(link, "web1.lab.example") == GUEST_IP
+            assert dig(link, "-x", GUEST_IP) == "web1.lab.example."
+            assert append["url"] == f"http://{SERVER_IP}/preseed/00-16-3e-12-34-56"
+            preseed = curl(link, append["url"])
+            assert "d-i partman-auto/disk string /dev/xvda" in preseed
+            callback = re.search(r"curl -fsS -X POST '([^']+)'", preseed).group(1)
+            status = json.loads(cli(workdir, "host", "show", MAC))["status"]
+            assert status == "installing"
+
+            # 4. Install done: the callback, once; the next boot is local.
+            assert json.loads(curl(link, "-X", "POST", callback))["status"] == "installed"
+            replay = link.in_client("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", callback)
+            assert replay.stdout == "403"
+            assert "localboot 0" in tftp_get(link, workdir, "pxelinux.cfg/01-00-16-3e-12-34-56").decode()
+
+            events = json.loads(curl(link, f"http://{SERVER_IP}/api/hosts/{MAC}/events"))
+            sources = [e["source"] for e in events]
+            for earlier, later in (("dhcp", "tftp"), ("tftp", "http"), ("http", "callback")):
+                assert sources.index(earlier) < sources.index(later), sources
+            assert [e["time"] for e in events] == sorted(e["time"] for e in events)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                code = server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                raise
+            stderr = server.stderr.read()
+    assert code == 0 and "Traceback" not in stderr, stderr
