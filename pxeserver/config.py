@@ -50,6 +50,7 @@ class TftpSection:
     retries: int = 5  # resends of one block before the transfer is abandoned
     max_blksize: int = 65464  # larger requests are answered with this (RFC 2348)
     max_windowsize: int = 64  # larger requests are answered with this (RFC 7440)
+    packet_cache_mb: int = 256  # ready-made DATA packets of often-sent files (tftp/cache.py)
 
 
 @dataclass
@@ -169,7 +170,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"[dhcp] mode must be 'full' or 'proxy', not {config.dhcp.mode!r}")
     for key, low, high in (("timeout", 1, 255), ("retries", 0, 100), ("max_blksize", 8, 65464),
                            ("max_windowsize", 1, 65535), ("max_sessions", 1, 1_000_000),
-                           ("max_sessions_per_client", 1, 1_000_000)):
+                           ("max_sessions_per_client", 1, 1_000_000), ("packet_cache_mb", 0, 1 << 20)):
         if not low <= getattr(config.tftp, key) <= high:
             raise ConfigError(f"[tftp] {key} must be {low}..{high}, not {getattr(config.tftp, key)}")
     try:

@@ -19,6 +19,7 @@ overflows, as a rack powering on at once can make it: it is enlarged to 4 MiB.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import select
 import socket
@@ -27,6 +28,7 @@ import time
 from collections import Counter
 
 from pxeserver.app import Context
+from pxeserver.tftp.cache import PacketCache
 from pxeserver.tftp.events import EventRecorder, Transfer
 from pxeserver.tftp.files import Resolver
 from pxeserver.tftp.packets import (
@@ -47,6 +49,7 @@ DRAIN_LIMIT = 64  # requests read from the listening socket per wakeup
 MAX_EVENTS = 1024  # readiness events handled per wakeup
 TICK = 0.05  # seconds between deadline scans: the resolution of retransmit timers
 RECEIVE_SIZE = 1024  # requests, ACKs and ERRORs are small; larger datagrams are truncated
+ANSWER_SIZE = 64  # what a transfer reads from its client: an ACK, or an ERROR cut short
 LISTENER_BUFFER = 4 << 20  # a burst of a thousand RRQs must not overflow the default buffer
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux's value; Python 3.11's socket module lacks it
 
@@ -58,7 +61,8 @@ class TftpService:
         self.context = context
         self.config = context.config.tftp
         self.port = self.config.port
-        self._resolver = Resolver(context.config.tftp_root, context.policy)
+        self.packet_cache = PacketCache(self.config.packet_cache_mb << 20)
+        self._resolver = Resolver(context.config.tftp_root, context.policy, self.packet_cache)
         self._events: EventRecorder | None = None
         self._epoll: select.epoll | None = None
         self._listener: socket.socket | None = None
@@ -122,7 +126,7 @@ class TftpService:
     def _run(self) -> None:
         assert self._epoll is not None and self._listener is not None
         poll, listener = self._epoll.poll, self._listener.fileno()
-        sessions, strangers = self._sessions, self._strangers
+        sessions, strangers, read = self._sessions, self._strangers, os.read
         next_tick = time.monotonic() + TICK
         while not self._stopping.is_set():
             events = poll(max(0.0, next_tick - time.monotonic()), MAX_EVENTS)
@@ -131,7 +135,7 @@ class TftpService:
                 session = sessions.get(fd)
                 try:
                     if session is not None:  # the hot path, inlined: one ACK in, DATA out
-                        session.on_packet(session.sock.recv(RECEIVE_SIZE), now)
+                        session.on_packet(read(fd, ANSWER_SIZE), now)
                         if session.done:
                             self._end(session)
                     elif fd == listener:
