@@ -14,11 +14,13 @@ def render(host: Host, *, bridge: str | None = None, disk: str | None = None,
     """An xl config: PV guest, pypxeboot as bootloader, one vif with the host's MAC.
 
     ``bootloader_args`` is a list (xl deprecates the string form); pypxeboot finds the MAC
-    there. on_reboot restarts the guest, so after the installer's final reboot the bootloader
+    there, and the bridge to send its DHCP on (dom0's default route may lead elsewhere).
+    on_reboot restarts the guest, so after the installer's final reboot the bootloader
     runs again and, with netboot now off, hands over to the installed system.
     """
     name = _NAME_SAFE.sub("-", host.hostname.split(".", 1)[0])
     xen = host.xen
+    bridge = bridge if bridge is not None else xen.bridge
     disk_spec = disk or xen.disk or f"format=raw,vdev=xvda,access=rw,target=/var/lib/xen/images/{name}.img"
     lines = [
         f"# {host.hostname}: boots through pypxeboot from pxeserver",
@@ -26,10 +28,10 @@ def render(host: Host, *, bridge: str | None = None, disk: str | None = None,
         'type = "pv"',
         f"memory = {memory if memory is not None else xen.memory}",
         f"vcpus = {vcpus if vcpus is not None else xen.vcpus}",
-        f"vif = ['mac={host.mac},bridge={bridge if bridge is not None else xen.bridge}']",
+        f"vif = ['mac={host.mac},bridge={bridge}']",
         f"disk = ['{disk_spec}']",
         'bootloader = "pypxeboot"',
-        f'bootloader_args = ["mac={host.mac}"]',
+        f'bootloader_args = ["mac={host.mac}", "interface={bridge}"]',
         'on_poweroff = "destroy"',
         'on_reboot = "restart"',
         'on_crash = "restart"',

@@ -183,7 +183,7 @@ def test_domu_config_boots_through_pypxeboot(context) -> None:
     values: dict[str, object] = {}
     exec(domu.render(host), {}, values)  # xl's config syntax is a subset of Python's
     assert values["bootloader"] == "pypxeboot"
-    assert values["bootloader_args"] == [f"mac={MAC}"]
+    assert values["bootloader_args"] == [f"mac={MAC}", "interface=xenbr0"]
     assert values["vif"] == [f"mac={MAC},bridge=xenbr0"]
     assert values["disk"] == ["phy:/dev/vg/web1,xvda,w"]
     assert (values["memory"], values["vcpus"], values["name"]) == (2048, 2, "web1")

@@ -69,7 +69,7 @@ def test_domu_config_written_to_a_file(workdir: Path) -> None:
     exec((workdir / "web1.cfg").read_text(), {}, values)
     assert values["vif"] == ["mac=00:16:3e:aa:bb:cc,bridge=br1"]
     assert values["memory"] == 768 and values["bootloader"] == "pypxeboot"
-    assert values["bootloader_args"] == ["mac=00:16:3e:aa:bb:cc"]
+    assert values["bootloader_args"] == ["mac=00:16:3e:aa:bb:cc", "interface=br1"]
 
 
 BAD = [

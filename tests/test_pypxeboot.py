@@ -1,0 +1,125 @@
+"""pypxeboot: its config reader, its argument handling and its output, against our TFTP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pxeserver import pxelinux
+from pxeserver.mac import MacAddress
+from pxeserver.policy import LocalBoot, NetBoot
+from pxeserver.pypxeboot import BootFailed, config_names, parse_words
+from pxeserver.tftp import TftpService
+
+MAC = "00:16:3e:12:34:56"
+
+
+def test_rendered_configs_read_back_whole() -> None:
+    spec = NetBoot("images/d/linux", "images/d/initrd.gz", "url=http://h/preseed/x auto=true console=hvc0")
+    entry = pxelinux.parse(pxelinux.render(spec, comment="c"))
+    assert (entry.kernel, entry.initrd, entry.append) == (spec.kernel, spec.initrd, spec.cmdline)
+    assert pxelinux.parse(pxelinux.render(LocalBoot())).localboot
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("DEFAULT menu.c32\nLABEL a\n KERNEL k1\nLABEL b\n MENU DEFAULT\n LINUX k2\n INITRD i2\n APPEND quiet x=a=b\n",
+     ("b", "k2", "i2", "quiet x=a=b")),
+    ("default vmlinuz ro root=/dev/xvda1\n", ("default", "vmlinuz", "", "ro root=/dev/xvda1")),
+    ("label x\n kernel k\n append initrd=i1,i2 console=hvc0\n", ("x", "k", "i1", "console=hvc0")),
+    ("default x\nlabel x\n kernel k\n append -\n", ("x", "k", "", "")),
+    ("ontimeout y\nlabel x\n kernel kx\nlabel y\n kernel ky\n", ("y", "ky", "", "")),
+])
+def test_configs_in_the_wild(text: str, expected: tuple[str, str, str, str]) -> None:
+    entry = pxelinux.parse(text)
+    assert (entry.label, entry.kernel, entry.initrd, entry.append) == expected
+
+
+@pytest.mark.parametrize("text", ["", "# nothing\n", "label x\n  append a=b\n", "\0" * 100])
+def test_configs_with_nothing_to_boot(text: str) -> None:
+    assert pxelinux.parse(text) is None
+
+
+def test_words_from_xm_and_xl_configs() -> None:
+    old_style = parse_words(["mac=00:16:3E:12:34:56,bridge=xenbr0,", "/dev/vg/web1"])
+    assert old_style.mac == MacAddress.parse(MAC) and old_style.disk == "/dev/vg/web1"
+    new_style = parse_words([f"mac={MAC}", "interface=xenbr1", "server=10.0.0.1"])
+    assert (new_style.interface, new_style.server, new_style.disk) == ("xenbr1", "10.0.0.1", None)
+    with pytest.raises(BootFailed, match="no mac="):
+        parse_words(["/dev/vg/web1"])
+    with pytest.raises(BootFailed, match="invalid MAC"):
+        parse_words(["mac=00:16:3e:12:34"])
+
+
+def test_lookup_order_is_pxelinux_s() -> None:
+    assert config_names(MacAddress.parse(MAC), "10.0.0.5") == [
+        "01-00-16-3e-12-34-56", "0A000005", "0A00000", "0A0000", "0A000", "0A00", "0A0", "0A", "0", "default"]
+
+
+@pytest.fixture
+def tftp(ctx):
+    root = ctx.config.tftp_root
+    (root / "images" / "d").mkdir()
+    (root / "images" / "d" / "linux").write_bytes(bytes(range(256)) * 2000)
+    (root / "images" / "d" / "initrd.gz").write_bytes(b"initrd" * 100_000)
+    (Path(ctx.config.preseeds_dir)).mkdir(exist_ok=True)
+    ctx.provisioning.add_profile({"name": "d", "kernel": "images/d/linux", "initrd": "images/d/initrd.gz",
+                                  "append": "console=hvc0", "autoinstall": "debian-xen.cfg"})
+    service = TftpService(ctx)
+    service.start()
+    yield ctx, service.port
+    service.stop()
+
+
+def run_pypxeboot(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-c", "from pxeserver.pypxeboot import main; main()", *args],
+                          capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("output_format", ["simple0", "simple", "sxp"])
+def test_netboot_writes_what_xl_reads(tftp, tmp_path: Path, output_format: str) -> None:
+    ctx, port = tftp
+    ctx.provisioning.add_host({"mac": MAC, "hostname": "web1", "profile": "d"})
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_pypxeboot(f"--output={out / 'result'}", f"--output-format={output_format}",
+                           f"--output-directory={out}", "--args=xen_extra=1", "mac=00:16:3E:12:34:56",
+                           "server=127.0.0.1", f"tftp_port={port}", "/dev/null")
+    assert result.returncode == 0, result.stderr
+    text = (out / "result").read_bytes().decode()
+    if output_format == "simple0":
+        assert text.endswith("\0\0")
+        fields = dict(item.split(" ", 1) for item in text.rstrip("\0").split("\0"))
+    elif output_format == "simple":
+        fields = dict(line.split(" ", 1) for line in text.splitlines())
+    else:
+        fields = dict(part.split(" ", 1) for part in text.removeprefix("linux (").rstrip(")").split(")("))
+        fields["args"] = fields["args"].strip('"')
+    root = ctx.config.tftp_root
+    assert Path(fields["kernel"]).read_bytes() == (root / "images/d/linux").read_bytes()
+    assert Path(fields["ramdisk"]).read_bytes() == (root / "images/d/initrd.gz").read_bytes()
+    assert Path(fields["kernel"]).parent == out
+    assert "url=http://127.0.0.1" in fields["args"] and fields["args"].endswith("console=hvc0 xen_extra=1")
+
+
+def test_original_usage_prints_sxp(tftp) -> None:
+    ctx, port = tftp
+    ctx.provisioning.add_host({"mac": MAC, "hostname": "web1", "profile": "d"})
+    result = run_pypxeboot("mac=00:16:3e:12:34:56,", "server=127.0.0.1", f"tftp_port={port}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(b"linux (kernel /")
+
+
+def test_failures_are_one_line_and_nonzero(tftp) -> None:
+    ctx, port = tftp
+    ctx.config.boot.default_profile = ""
+    unknown = run_pypxeboot("mac=00:16:3e:00:00:99", "server=127.0.0.1", f"tftp_port={port}", "/nonexistent")
+    assert unknown.returncode == 1
+    lines = unknown.stderr.decode().strip().splitlines()
+    assert lines[-1] == "pypxeboot: error: the config says localboot but the disk /nonexistent does not exist"
+    ctx.provisioning.add_profile({"name": "broken", "kernel": "images/none/linux", "initrd": "images/none/i"})
+    ctx.provisioning.add_host({"mac": MAC, "hostname": "web1", "profile": "broken"})
+    missing = run_pypxeboot("mac=" + MAC, "server=127.0.0.1", f"tftp_port={port}", "/dev/null")
+    assert missing.returncode == 1 and "images/none/linux" in missing.stderr.decode().splitlines()[-1]
