@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,14 @@ def test_failures_are_one_line_and_nonzero(tftp) -> None:
     ctx.provisioning.add_host({"mac": MAC, "hostname": "web1", "profile": "broken"})
     missing = run_pypxeboot("mac=" + MAC, "server=127.0.0.1", f"tftp_port={port}", "/dev/null")
     assert missing.returncode == 1 and "images/none/linux" in missing.stderr.decode().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_silent_tftp_server_fails_fast_instead_of_waiting_per_name() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        started = time.monotonic()
+        result = run_pypxeboot(f"mac={MAC}", "server=127.0.0.1", f"tftp_port={silent.getsockname()[1]}")
+    assert result.returncode == 1
+    assert "no answer from the TFTP server" in result.stderr.decode()
+    assert time.monotonic() - started < 40, "it tried every config name in turn"

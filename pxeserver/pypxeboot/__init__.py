@@ -43,6 +43,10 @@ class BootFailed(RuntimeError):
     """Anything that stops the boot; the message is printed as pypxeboot's one error line."""
 
 
+class NoAnswer(BootFailed):
+    """The TFTP server did not answer at all: trying further config names would only wait."""
+
+
 @dataclass(frozen=True)
 class Request:
     mac: MacAddress
@@ -98,6 +102,8 @@ class Fetcher:
         path = name if name.startswith("/") else self.prefix + name
         try:
             self.client.download(path, output, timeout=TFTP_TIMEOUT, retries=TFTP_RETRIES)
+        except tftpy.TftpTimeout:
+            raise NoAnswer(f"tftp://{self.server}/{path}: no answer from the TFTP server") from None
         except (tftpy.TftpException, OSError) as exc:
             raise BootFailed(f"tftp://{self.server}/{path}: {exc}") from None
 
@@ -105,6 +111,8 @@ class Fetcher:
         buffer = io.BytesIO()
         try:
             self.fetch(name, buffer)
+        except NoAnswer:
+            raise
         except BootFailed:
             return None
         return buffer.getvalue().decode("utf-8", "replace")
