@@ -6,9 +6,13 @@ host each: ours answers from the registry, the others serve the files the config
 on disk); (d) windowsize 16 against lockstep on our server; plus 2,000 concurrent sessions.
 
 Each server runs in its own process; runs are interleaved and the fastest of ``--repeat``
-counts, since other work on the machine adds noise. The load comes from this one process, which simulates
-every client with epoll from its own 127.1.x.y address (tests/tftp_support.py). curl fetches
-the 40 MB file once per server as a spot check. dnsmasq 2.90 has no TFTP port option, so it
+counts, since other work on the machine adds noise (on a shared 2-core VM the same run varies
+by a third). Ours sends repeat transfers of an unchanged file from its packet cache
+(pxeserver/tftp/cache.py), as it would all day in production; a file younger than the cache's
+racy window is not cached, so the first run right after the files are written may not be.
+The load comes from this one process, which simulates every client with epoll from its own
+127.1.x.y address (tests/tftp_support.py). curl fetches the 40 MB file once per server as a
+spot check. dnsmasq 2.90 has no TFTP port option, so it
 gets port 69 on its own loopback address. Run: ``.venv/bin/python bench/tftp.py [--quick]``.
 """
 
