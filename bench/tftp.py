@@ -12,8 +12,8 @@ by a third). Ours sends repeat transfers of an unchanged file from its packet ca
 racy window is not cached, so the first run right after the files are written may not be.
 The load comes from this one process, which simulates every client with epoll from its own
 127.1.x.y address (tests/tftp_support.py). curl fetches the 40 MB file once per server as a
-spot check. dnsmasq 2.90 has no TFTP port option, so it
-gets port 69 on its own loopback address. Run: ``.venv/bin/python bench/tftp.py [--quick]``.
+spot check. dnsmasq 2.90 has no TFTP port option, so it gets port 69 on its own loopback
+address. Run: ``.venv/bin/python bench/tftp.py [--quick]``.
 """
 
 from __future__ import annotations
