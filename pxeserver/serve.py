@@ -69,7 +69,7 @@ def run(config: Config) -> int:
                 service = factory(context)
                 service.start()
                 started.append(service)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a port in use, no root, a bad [section] setting
         print(f"pxeserver: cannot start {name}: {exc}", file=sys.stderr)
         _stop_all(started, context)
         return 1

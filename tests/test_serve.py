@@ -115,3 +115,16 @@ def test_kill_9_during_bulk_registration_keeps_every_acknowledged_host(tmp_path,
     finally:
         restarted.terminate()
         restarted.wait(timeout=20)
+
+
+def test_a_bad_service_setting_is_one_line_and_exit_1(tmp_path, ports) -> None:
+    (tmp_path / "pxeserver.toml").write_text(
+        f'[tftp]\naddress = "127.0.0.1"\nport = {ports["tftp"]}\n'
+        f'[http]\naddress = "127.0.0.1"\nport = {ports["http"]}\n'
+        '[dhcp]\nenabled = true\ninterface = "lo"\npool_start = "10.0.0.50"\npool_end = "10.0.0.10"\n'
+    )
+    result = subprocess.run([sys.executable, "-m", "pxeserver", "serve"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "pxeserver: cannot start dhcp: DHCP pool 10.0.0.50-10.0.0.10" in result.stderr
+    assert "Traceback" not in result.stderr
