@@ -20,6 +20,7 @@ from pxeserver.registry import Host, NotFound, Profile, Status, Store
 from pxeserver.timeline import Timeline
 
 log = logging.getLogger(__name__)
+events_log = logging.getLogger("pxeserver.events")
 
 PXELINUX_DIR = "pxelinux.cfg/"
 
@@ -182,8 +183,14 @@ class BootPolicy:
 
     # -- what happened --------------------------------------------------------------------
 
-    def record(self, mac: MacAddress, source: str, message: str) -> None:
-        """Add an entry to the host's provisioning timeline (batched, never blocks a service)."""
+    def record(self, mac: MacAddress, source: str, message: str, *, logged: bool = False) -> None:
+        """Add an entry to the host's provisioning timeline (batched, never blocks a service).
+
+        Each entry is also the one log line ``pxeserver serve`` shows for that boot event,
+        unless the caller has ``logged`` it already with more detail.
+        """
+        if not logged:
+            events_log.info("%s %s: %s", source, mac, message)
         self.timeline.record(mac, source, message)
 
     def advance(self, mac: MacAddress, status: Status) -> None:
@@ -198,7 +205,7 @@ class BootPolicy:
             return
         earlier = _LIFECYCLE[: _LIFECYCLE.index(status)]
         if host.status in earlier and self.store.advance_status(mac, status, earlier):
-            self.timeline.record(mac, "policy", f"status {host.status.value} -> {status.value}")
+            self.record(mac, "policy", f"status {host.status.value} -> {status.value}")
 
 
 def hex_ip(ip: str) -> str:

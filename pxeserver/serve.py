@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import shutil
 import signal
 import sys
 import threading
@@ -89,6 +91,17 @@ def _stop_all(services: list[Service], context: Context) -> None:
     context.close()
 
 
+def _command() -> str:
+    """How the user can run pxeserver again: the name on PATH, else the path they used."""
+    invoked = os.path.realpath(sys.argv[0])
+    on_path = shutil.which("pxeserver")
+    if on_path and os.path.realpath(on_path) == invoked:
+        return "pxeserver"
+    if os.path.basename(invoked) == "pxeserver":
+        return os.path.relpath(invoked) if not os.path.relpath(invoked).startswith("..") else invoked
+    return f"{sys.executable} -m pxeserver"
+
+
 def _banner(config: Config, services: list[Service]) -> None:
     print(f"pxeserver: configuration from {config.source}", flush=True)
     print(f"pxeserver: registry {config.database}", flush=True)
@@ -103,9 +116,10 @@ def _banner(config: Config, services: list[Service]) -> None:
             f"{config.http.address}:{config.http.port}; set [api] token in pxeserver.toml",
             flush=True,
         )
+    command = _command()
     print(
-        "pxeserver: next: pxeserver profile add NAME --kernel images/NAME/linux --initrd "
-        "images/NAME/initrd.gz --autoinstall debian-xen.cfg; pxeserver host add --hostname web1 "
+        f"pxeserver: next: {command} profile add NAME --kernel images/NAME/linux --initrd "
+        f"images/NAME/initrd.gz --autoinstall debian-xen.cfg; {command} host add --hostname web1 "
         f"--profile NAME; curl {config.http_base_url}/api/hosts",
         flush=True,
     )

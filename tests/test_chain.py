@@ -74,8 +74,10 @@ def workdir(tmp_path: Path) -> Path:
 
 
 @contextmanager
-def serving(link: Link, workdir: Path) -> Iterator[None]:
-    """`pxeserver serve` inside the server namespace; stopped with SIGTERM, which must be clean."""
+def serving(link: Link, workdir: Path) -> Iterator[list[str]]:
+    """`pxeserver serve` inside the server namespace; stopped with SIGTERM, which must be clean.
+
+    Yields a list that holds the server's log lines once the block has ended."""
     server = subprocess.Popen(
         ["ip", "netns", "exec", link.server_ns, sys.executable, "-m", "pxeserver", "serve"],
         cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -86,7 +88,8 @@ def serving(link: Link, workdir: Path) -> Iterator[None]:
             if line.startswith("pxeserver: next:"):
                 break
         assert any("dhcp listening" in line for line in banner), (banner, server.stderr.read())
-        yield
+        log: list[str] = []
+        yield log
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -96,6 +99,7 @@ def serving(link: Link, workdir: Path) -> Iterator[None]:
             raise
     stderr = server.stderr.read()
     assert code == 0 and "Traceback" not in stderr, stderr
+    log.extend(stderr.splitlines())
 
 
 def register(workdir: Path) -> None:
@@ -107,7 +111,7 @@ def register(workdir: Path) -> None:
 
 def test_a_guest_goes_from_dhcp_to_installed_and_then_boots_locally(workdir: Path) -> None:
     register(workdir)
-    with veth_link("chain") as link, serving(link, workdir):
+    with veth_link("chain") as link, serving(link, workdir) as log:
         link.set_client_mac(MAC)
         # 1. DHCP, as the original pypxeboot's udhcpc reads it.
         lease = udhcpc(link, workdir)
@@ -145,6 +149,10 @@ def test_a_guest_goes_from_dhcp_to_installed_and_then_boots_locally(workdir: Pat
         for earlier, later in (("dhcp", "tftp"), ("tftp", "http"), ("http", "callback")):
             assert sources.index(earlier) < sources.index(later), sources
         assert [e["time"] for e in events] == sorted(e["time"] for e in events)
+    # One log line per boot event, as `pxeserver serve` promises.
+    for expected in (f"dhcp {MAC}: ACK {GUEST_IP}, boot file pxelinux.0", "tftp: sent pxelinux.0 to",
+                     f"http {MAC}: served preseed debian-xen.cfg", f"callback {MAC}: install complete"):
+        assert sum(expected in line for line in log) == 1, (expected, log)
 
 
 def installed_disk(directory: Path) -> Path:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -61,7 +63,10 @@ def test_banner_says_where_each_service_listens_and_sigterm_exits_cleanly(tmp_pa
     text = "\n".join(banner)
     assert f"tftp listening on tftp://127.0.0.1:{ports['tftp']}" in text
     assert f"http listening on http://127.0.0.1:{ports['http']}" in text
-    assert "next: pxeserver profile add" in text
+    command = re.search(r"next: (.+?) profile add", text).group(1)
+    listed = subprocess.run([*shlex.split(command), "profile", "list"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and listed.stdout.startswith("NAME"), "the suggested command must run"
     assert "WARNING" not in text, "loopback-only API needs no token warning"
     with urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/api/hosts", timeout=10) as response:
         assert json.load(response) == []

@@ -87,6 +87,6 @@ class EventRecorder:
         if mac is None or self.policy.host(mac) is None:
             return
         what = f"sent {transfer.name} ({transfer.size} bytes, blksize {transfer.blksize})"
-        self.policy.record(mac, "tftp", what)
+        self.policy.record(mac, "tftp", what, logged=True)
         if transfer.boot_config:
             self.policy.advance(mac, Status.NETBOOTING)
