@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from child import serve_until_stdin_closes
+
 from pxeserver import app
 from pxeserver import config as configuration
 from pxeserver.dns import DnsService
@@ -69,13 +71,7 @@ def populate(config_path: Path, hosts: int) -> None:
 
 def serve(config_path: str) -> None:
     """The child process: run pxeserver's DNS until stdin closes."""
-    context = app.build(configuration.load(config_path))
-    service = DnsService(context)
-    service.start()
-    print(service.port, flush=True)
-    sys.stdin.read()
-    service.stop()
-    context.close()
+    serve_until_stdin_closes(configuration.load(config_path), DnsService)
 
 
 @dataclass

@@ -40,7 +40,7 @@ DNSMASQ_ADDRESS = "127.69.0.1"
 
 def serve_ours(root: str, data_dir: str) -> None:
     """Child process: run pxeserver's TFTP service until stdin closes; print its port."""
-    from pxeserver import app
+    from child import serve_until_stdin_closes
     from pxeserver.config import Config
     from pxeserver.tftp import TftpService
 
@@ -49,13 +49,7 @@ def serve_ours(root: str, data_dir: str) -> None:
     config.server.data_dir = data_dir
     config.server.tftp_root = root
     config.tftp.address, config.tftp.port = "127.0.0.1", 0
-    context = app.build(config)
-    service = TftpService(context)
-    service.start()
-    print(service.port, flush=True)
-    sys.stdin.read()
-    service.stop()
-    context.close()
+    serve_until_stdin_closes(config, TftpService)
 
 
 def free_port() -> int:
