@@ -16,7 +16,6 @@ from pxeserver.bootconfig import BootConfigWriter
 from pxeserver.mac import MacAddress
 from pxeserver.policy import BootPolicy
 from pxeserver.registry import (
-    Conflict,
     Host,
     NotFound,
     Profile,
@@ -24,7 +23,7 @@ from pxeserver.registry import (
     Store,
     ValidationError,
 )
-from pxeserver.registry.models import parse_mac, validate_template_name
+from pxeserver.registry.models import parse_mac
 
 
 class InvalidToken(PermissionError):
@@ -61,7 +60,6 @@ class Provisioning:
 
     def _check_template(self, profile: Profile) -> None:
         if profile.autoinstall:
-            validate_template_name(profile.autoinstall)
             if self.policy.autoinstall_kind(profile.autoinstall) is None:
                 raise ValidationError(
                     f"autoinstall template {profile.autoinstall!r} is in neither kickstarts/ "
@@ -110,7 +108,8 @@ class Provisioning:
     def install_done(self, mac: MacAddress, token: str) -> Host:
         """The installer's callback: the host is installed and boots locally from now on."""
         host = self.store.get_host(mac)
-        matches = bool(host.install_token) and hmac.compare_digest(host.install_token, token)
+        matches = bool(host.install_token) and hmac.compare_digest(
+            host.install_token.encode(), token.encode("utf-8", "surrogateescape"))
         if not matches or not self.store.complete_install(mac, token):
             self.policy.record(mac, "callback", "refused install-complete call: wrong token")
             raise InvalidToken("wrong or already used install token")
@@ -124,6 +123,3 @@ class Provisioning:
             self.store.get_profile(name)
         except NotFound:
             raise ValidationError(f"unknown profile {name!r}") from None
-
-
-__all__ = ["Conflict", "InvalidToken", "NotFound", "Provisioning", "ValidationError"]

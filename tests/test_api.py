@@ -118,11 +118,12 @@ def test_install_callback_needs_the_hosts_token_once(client, ctx) -> None:
     assert len(token) >= 24
     assert client.post("/api/hosts/00:16:3e:aa:bb:cc/installed").status_code == 403
     assert client.post("/api/hosts/00:16:3e:aa:bb:cc/installed?token=guess").status_code == 403
+    assert client.post("/api/hosts/00:16:3e:aa:bb:cc/installed?token=%C3%A9t%C3%A9").status_code == 403
     assert client.get("/api/hosts/00:16:3e:aa:bb:cc").get_json()["status"] == "registered"
     done = client.post(f"/api/hosts/00-16-3e-aa-bb-cc/installed?token={token}")
     assert done.status_code == 200
     assert done.get_json()["status"] == "installed" and done.get_json()["netboot"] is False
     assert client.post(f"/api/hosts/00:16:3e:aa:bb:cc/installed?token={token}").status_code == 403
     events = client.get("/api/hosts/00:16:3e:aa:bb:cc/events").get_json()
-    assert [e["source"] for e in events] == ["api", "callback", "callback", "callback"]
+    assert [e["source"] for e in events] == ["api", "callback", "callback", "callback", "callback"]
     assert events[-1]["message"] == "refused install-complete call: wrong token"
