@@ -107,6 +107,7 @@ def test_writes_need_the_bearer_token_when_one_is_set(ctx) -> None:
     client = create_app(ctx).test_client()
     assert client.post("/api/profiles", json=PROFILE).status_code == 401
     assert client.post("/api/profiles", json=PROFILE, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.post("/api/profiles", json=PROFILE, headers={"Authorization": "Bearer d\xe9j\xe0"}).status_code == 401
     assert client.get("/api/profiles").get_json() == []
     ok = client.post("/api/profiles", json=PROFILE, headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 201

@@ -63,7 +63,8 @@ def _admin_authorized() -> bool:
         return True
     header = request.headers.get("Authorization", "")
     scheme, _, presented = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip(), token)
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        presented.strip().encode("utf-8", "surrogateescape"), token.encode())
 
 
 @blueprint.before_request
