@@ -134,6 +134,14 @@ def test_nothing_outside_the_root_and_no_listings(ctx: Context, base: str, path:
     assert curl(f"{base}/boot/images/centos5/initrd.img").body == b"initrd"
 
 
+def test_a_private_file_is_not_published_over_http_as_over_tftp(ctx: Context, base: str) -> None:
+    private = ctx.config.tftp_root / "images" / "centos5" / "root-password.txt"
+    private.write_text("secret\n")
+    private.chmod(0o600)  # TFTP refuses it (not world-readable); /boot/ must agree
+    reply = curl(f"{base}/boot/images/centos5/root-password.txt")
+    assert reply.status == 404 and b"secret" not in reply.body
+
+
 def test_symlink_inside_the_root_is_served(ctx: Context, base: str, kernel: bytes) -> None:
     (ctx.config.tftp_root / "images" / "current").symlink_to(ctx.config.tftp_root / "images" / "centos5")
     assert curl(f"{base}/boot/images/current/vmlinuz").body == kernel

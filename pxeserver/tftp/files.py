@@ -1,10 +1,9 @@
 """What a requested TFTP name refers to: a boot config from the policy, or a file in the root.
 
 ``pxelinux.cfg/<name>`` is answered by the boot policy first (so servers sharing a registry
-agree), then by an admin-provided file on disk. Everything else is a regular file under the
-TFTP root, contained by its *real* path: the name is resolved with every symlink followed and
-must still lie inside the root's real path. As with tftp-hpa, only world-readable files are
-published: a server running as root would otherwise hand out a file its admin made private.
+agree), then by an admin-provided file on disk. Everything else is a file under the TFTP root
+that published.py allows (contained by its real path, regular, world-readable), the same
+rule HTTP's /boot/ follows.
 
 A file that has not changed for a while is sent from the shared packet cache (cache.py): read
 whole once, its DATA packets built once per block size. Other small files are read whole per
@@ -16,13 +15,12 @@ short ``pread`` only ends that one transfer early.
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 from pathlib import Path
 
 from pxeserver import pxelinux
 from pxeserver.policy import PXELINUX_DIR, BootPolicy
+from pxeserver.published import NotPublished, open_published
 from pxeserver.tftp.cache import PacketCache, Packets, Version, version_of
 from pxeserver.tftp.packets import DATA, HEADER, ErrorCode, TftpError, netascii
 
@@ -154,26 +152,10 @@ class Resolver:
         return Source.of_bytes(name, pxelinux.render(spec).encode(), from_policy=True)
 
     def _file(self, name: str) -> Source:
-        root = os.path.realpath(self.root)
-        path = os.path.realpath(os.path.join(root, name))
-        if os.path.commonpath([root, path]) != root:
-            raise TftpError(ErrorCode.ACCESS_VIOLATION, "path leads outside the TFTP root")
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise TftpError(ErrorCode.FILE_NOT_FOUND) from None
-        except PermissionError:
-            raise TftpError(ErrorCode.ACCESS_VIOLATION, "permission denied") from None
-        except OSError as exc:  # ELOOP (a symlink swapped in), ENAMETOOLONG, ENOTDIR, ...
-            code = ErrorCode.FILE_NOT_FOUND if exc.errno == errno.ENOTDIR else ErrorCode.ACCESS_VIOLATION
-            raise TftpError(code, os.strerror(exc.errno or 0)) from None
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise TftpError(ErrorCode.FILE_NOT_FOUND, "not a regular file")
-            if not info.st_mode & stat.S_IROTH:
-                raise TftpError(ErrorCode.ACCESS_VIOLATION, "file is not world-readable")
-        except BaseException:
-            os.close(fd)
-            raise
-        return Source(name, fd, info.st_size, cache=self.cache, version=version_of(info))  # it closes fd
+            published = open_published(self.root, name)
+        except NotPublished as exc:
+            code = ErrorCode.FILE_NOT_FOUND if exc.missing else ErrorCode.ACCESS_VIOLATION
+            raise TftpError(code, str(exc)) from None
+        info = published.info
+        return Source(name, published.fd, info.st_size, cache=self.cache, version=version_of(info))

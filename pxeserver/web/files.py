@@ -9,6 +9,7 @@ WSGI server's ``wsgi.file_wrapper`` (and with it ``os.sendfile``) carries the bo
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from flask import Blueprint, Response, abort, current_app, request, send_file
@@ -19,6 +20,7 @@ from pxeserver.app import Context
 from pxeserver.autoinstall import AutoinstallRenderer
 from pxeserver.mac import InvalidMac, MacAddress
 from pxeserver.policy import AutoinstallKind, BootSpec, LocalBoot
+from pxeserver.published import NotPublished, open_published
 from pxeserver.registry import Status
 
 log = logging.getLogger(__name__)
@@ -123,20 +125,18 @@ def render_ipxe(spec: BootSpec, boot_url: str) -> str:
 
 @blueprint.route("/boot/<path:subpath>", methods=["GET", "HEAD"])
 def boot_file(subpath: str) -> Response:
-    """A file under the TFTP root. Anything that is not a regular file inside it is 404.
+    """A file under the TFTP root that TFTP would also publish (published.py); else 404.
 
     Containment is checked on the real path, after symlinks are followed, so ``..``,
     ``%2e%2e`` (decoded before routing) and a symlink pointing out of the root all end here.
     """
     context = _context()
-    root = context.config.tftp_root.resolve()
     try:
-        target = (root / subpath).resolve()
-        servable = target.is_relative_to(root) and target.is_file()
-    except (OSError, ValueError):  # a NUL byte, a name too long, a symlink loop
-        servable = False
-    if not servable:
+        published = open_published(context.config.tftp_root, subpath)
+    except NotPublished:
         return _text("not found\n", 404)
+    os.close(published.fd)
+    target = published.path
     response = send_file(target, conditional=True, etag=True, max_age=0)
     if request.method == "GET" and response.status_code == 200:
         host = context.policy.host_by_ip(request.remote_addr or "")
