@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import queue
 import select
 import socket
 import threading
@@ -19,6 +18,7 @@ import time
 from pxeserver.app import Context
 from pxeserver.dhcp.responder import PXE_PORT, Responder
 from pxeserver.mac import MacAddress
+from pxeserver.offpath import OffPathWorker
 from pxeserver.policy import BootPolicy
 from pxeserver.registry import Status
 
@@ -61,7 +61,7 @@ class RateLimiter:
 
 
 class StatusWriter:
-    """Moves hosts to NETBOOTING on its own thread, after their ACK has gone out.
+    """Moves hosts to NETBOOTING off the reply path, after their ACK has gone out.
 
     The status change is a durable registry write (an fsync); made inline it cut the
     handshake rate to a third when many hosts boot at once. Marking is idempotent, so a
@@ -71,32 +71,14 @@ class StatusWriter:
 
     def __init__(self, policy: BootPolicy, capacity: int = 10_000) -> None:
         self.policy = policy
-        self._queue: queue.Queue[MacAddress | None] = queue.Queue(maxsize=capacity)
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="dhcp-status", daemon=True)
-        self._thread.start()
+        self.worker = OffPathWorker("dhcp-status", self._mark, capacity)
 
     def mark_netbooting(self, mac: MacAddress) -> None:
-        try:
-            self._queue.put_nowait(mac)
-        except queue.Full:
+        if not self.worker.submit(mac):
             log.warning("dhcp: status queue full, %s stays 'registered' until its next ACK", mac)
 
-    def stop(self) -> None:
-        """Write what is queued, then end the thread."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def _run(self) -> None:
-        while (mac := self._queue.get()) is not None:
-            try:
-                self.policy.advance(mac, Status.NETBOOTING)
-            except Exception:  # a failing registry must not end the writer
-                log.exception("dhcp: could not mark %s as netbooting", mac)
+    def _mark(self, mac: MacAddress) -> None:
+        self.policy.advance(mac, Status.NETBOOTING)
 
 
 class DhcpService:
@@ -125,7 +107,7 @@ class DhcpService:
                         "arrive; use address 0.0.0.0 with interface %r",
                         self.section.address, self.section.interface)
         self._stop.clear()
-        self.status.start()
+        self.status.worker.start()
         self._thread = threading.Thread(target=self._serve, name="dhcp", daemon=True)
         self._thread.start()
 
@@ -134,7 +116,7 @@ class DhcpService:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        self.status.stop()
+        self.status.worker.stop()
         self._close()
 
     def endpoints(self) -> list[str]:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import queue
-import threading
 from dataclasses import dataclass
 
 from pxeserver.mac import InvalidMac, MacAddress
+from pxeserver.offpath import OffPathWorker
 from pxeserver.policy import PXELINUX_DIR, BootPolicy
 from pxeserver.registry import Status
 
@@ -58,26 +57,15 @@ def host_mac(policy: BootPolicy, transfer: Transfer) -> MacAddress | None:
 class EventRecorder:
     def __init__(self, policy: BootPolicy) -> None:
         self.policy = policy
-        self._queue: queue.Queue[Transfer | None] = queue.Queue(maxsize=QUEUE_LIMIT)
-        self._thread = threading.Thread(target=self._run, name="tftp-events", daemon=True)
-        self._thread.start()
+        self.worker = OffPathWorker("tftp-events", self._record, QUEUE_LIMIT)
+        self.worker.start()
 
     def add(self, transfer: Transfer) -> None:
-        try:
-            self._queue.put_nowait(transfer)
-        except queue.Full:
+        if not self.worker.submit(transfer):
             log.warning("tftp event queue full: %s to %s not recorded", transfer.name, transfer.client_ip)
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while (transfer := self._queue.get()) is not None:
-            try:
-                self._record(transfer)
-            except Exception:  # a registry hiccup must not end event recording
-                log.exception("could not record tftp transfer of %s", transfer.name)
+        self.worker.stop()
 
     def _record(self, transfer: Transfer) -> None:
         log.info("tftp: sent %s to %s (%d bytes, blksize %d, %.2f s, %d packets, %d resent, %d wrong TID)",
