@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from pxeserver import app
 from pxeserver.config import Config
+from pxeserver.service import Service
 
 REPO = Path(__file__).resolve().parent.parent
+ServiceT = TypeVar("ServiceT", bound=Service)
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -43,3 +47,13 @@ def ctx(config: Config) -> Iterator[app.Context]:
     context = app.build(config)
     yield context
     context.close()
+
+
+@contextmanager
+def started(service: ServiceT) -> Iterator[ServiceT]:
+    """A protocol service started for the block and stopped after it, even on failure."""
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+
+from conftest import started
 
 from pxeserver.app import Context
 from pxeserver.web.server import HttpService
@@ -22,14 +23,8 @@ PROFILE = {
 MAC = "00:16:3e:12:34:56"
 
 
-@contextmanager
-def running(context: Context) -> Iterator[HttpService]:
-    service = HttpService(context)
-    service.start()
-    try:
-        yield service
-    finally:
-        service.stop()
+def running(context: Context) -> AbstractContextManager[HttpService]:
+    return started(HttpService(context))
 
 
 @dataclass

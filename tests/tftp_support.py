@@ -13,10 +13,11 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import pytest
+from conftest import started
 
 from pxeserver.app import Context
 from pxeserver.tftp import TftpService
@@ -25,14 +26,8 @@ HEADER = struct.Struct("!HH")
 RRQ, WRQ, DATA, ACK, ERROR, OACK = 1, 2, 3, 4, 5, 6
 
 
-@contextmanager
-def running(context: Context) -> Iterator[TftpService]:
-    service = TftpService(context)
-    service.start()
-    try:
-        yield service
-    finally:
-        service.stop()
+def running(context: Context) -> AbstractContextManager[TftpService]:
+    return started(TftpService(context))
 
 
 @pytest.fixture
