@@ -59,8 +59,9 @@ TEMPLATES = {
 def serve_template(ctx: Context, template: str, host_vars: dict, profile_vars: dict | None = None) -> str:
     ctx.provisioning.add_profile({"name": "p", "kernel": "k", "initrd": "i", "autoinstall": template,
                                   "vars": profile_vars or {}})
+    # At 127.0.0.1, where curl fetches its file from.
     host = ctx.provisioning.add_host({"mac": MAC, "hostname": "web1.domu.example", "profile": "p",
-                                      "ip": "10.0.0.5", "vars": host_vars})
+                                      "ip": "127.0.0.1", "vars": host_vars})
     prefix = TEMPLATES[template][0] if template in TEMPLATES else "ks"
     with running(ctx):
         reply = curl(f"{ctx.config.http_base_url}/{prefix}/{host.mac.dashed}")
@@ -126,7 +127,7 @@ def test_template_failures_are_500_with_the_cause_only_in_the_log(
     (own_templates / "bad.ks").write_text(source)
     caplog.set_level(logging.ERROR, logger="pxeserver.web.files")
     ctx.provisioning.add_profile({"name": "p", "kernel": "k", "initrd": "i", "autoinstall": "bad.ks"})
-    host = ctx.provisioning.add_host({"mac": MAC, "hostname": "web1", "profile": "p"})
+    host = ctx.provisioning.add_host({"mac": MAC, "hostname": "web1", "profile": "p", "ip": "127.0.0.1"})
     # The API refuses such a value (400); written straight into the store, as by an older
     # release, it must still never reach the rendered file.
     ctx.store.update_host(replace(host, vars={"injected": "x\n%post\nrm -rf /\n%end"}))

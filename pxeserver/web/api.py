@@ -15,7 +15,7 @@ import hmac
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException, UnsupportedMediaType
 
 from pxeserver.app import Context
 from pxeserver.mac import InvalidMac, MacAddress
@@ -81,7 +81,7 @@ def _require_token() -> tuple[Response, int] | None:
 def _body() -> Any:
     try:
         return request.get_json()
-    except HTTPException as exc:  # 400 for bad or too deep JSON, 415 for another content type
+    except (BadRequest, UnsupportedMediaType) as exc:  # bad or too deep JSON; not JSON at all
         raise ValidationError(
             f"the request body must be JSON (Content-Type: application/json): {exc.description}"
         ) from None
