@@ -82,8 +82,9 @@ def _body() -> Any:
     try:
         return request.get_json()
     except (BadRequest, UnsupportedMediaType) as exc:  # bad or too deep JSON; not JSON at all
+        reason = exc.__cause__ or exc.description  # Flask keeps the parser's message there
         raise ValidationError(
-            f"the request body must be JSON (Content-Type: application/json): {exc.description}"
+            f"the request body must be JSON (Content-Type: application/json): {reason}"
         ) from None
 
 
