@@ -30,6 +30,7 @@ SECRET_HASH = "$6$pepper$0123456789abcdefghijkl"
 @pytest.fixture
 def base(ctx: Context) -> Iterator[str]:
     ctx.provisioning.add_profile({**PROFILE, "vars": {"root_password_hash": SECRET_HASH}})
+    assert ctx.config.http_base_url.startswith("http://127.0.0.1:")  # the kickstart's callback URL
     with running(ctx):
         yield ctx.config.http_base_url
 
