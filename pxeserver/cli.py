@@ -184,7 +184,7 @@ def _with_mac(action: Callable[..., None]) -> Callable[..., None]:
 @click.option("--memory", type=int, help="domU memory in MB.")
 @click.option("--vcpus", type=int)
 @click.option("--bridge")
-@click.option("--disk", help="xl disk spec.")
+@click.option("--disk", help="xl disk spec (target, format, vdev, access) under [xen] disk_roots.")
 @click.pass_context
 def host_add(ctx: click.Context, mac: str | None, hostname: str, profile_name: str, ip: str | None,
              variables: tuple[str, ...], **xen: Any) -> None:

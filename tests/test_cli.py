@@ -149,3 +149,18 @@ def test_broken_config_file_is_one_clear_line(workdir: Path) -> None:
     (workdir / "pxeserver.toml").write_text("[tftp]\nprot = 69\n")
     result = run(workdir, "host", "list", ok=False)
     assert result.returncode == 1 and "unknown key 'prot'" in result.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[xen]\ndisk_roots = ["dev/vg_domu/"]\n', "[xen] disk_roots: 'dev/vg_domu/' is not an absolute path"),
+    ('[xen]\ndisk_roots = ["/dev/vg_domu/../"]\n', "[xen] disk_roots"),
+    ('[http]\nautoinstall_trusted_networks = ["10.0.0.0/33"]\n', "[http] autoinstall_trusted_networks"),
+    ('[http]\nautoinstall_trusted_networks = [5]\n', "[http] autoinstall_trusted_networks"),
+    ('[server]\nevents_per_host = 0\n', "[server] events_per_host must be 1..1000000"),
+    ('[api]\nsecret_vars = [1]\n', "[api] secret_vars"),
+])
+def test_new_security_settings_are_checked(workdir: Path, text: str, message: str) -> None:
+    (workdir / "pxeserver.toml").write_text(text)
+    result = run(workdir, "host", "list", ok=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr

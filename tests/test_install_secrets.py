@@ -192,7 +192,7 @@ def test_a_flood_of_unknown_macs_stores_nothing_and_timelines_stay_capped(ctx: C
     attacker = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(ATTACKER_IP, 0))
     statuses: dict[int, int] = {}
     for number in range(5000):
-        unknown = MacAddress(bytes([0x02, 0x16, 0x3E, number >> 16 & 0xFF, number >> 8 & 0xFF, number & 0xFF]))
+        unknown = MacAddress.random_xen({MacAddress.parse(MAC)})
         path = (f"/ks/{unknown}", f"/preseed/{unknown.dashed}", f"/ipxe/{unknown}",
                 f"/api/hosts/{unknown}/installed?token=x", f"/ks/{MAC}", f"/api/hosts/{MAC}/installed?token=x")[number % 6]
         attacker.request("POST" if "installed" in path else "GET", path)
@@ -208,7 +208,7 @@ def test_a_flood_of_unknown_macs_stores_nothing_and_timelines_stay_capped(ctx: C
     assert set(statuses) <= {200, 403, 404}, statuses  # /ipxe/ answers unknown MACs with the default
     # A DHCP or TFTP event for made-up MACs, as recorded off the packet path, is dropped too.
     for number in range(1000):
-        ctx.policy.record(MacAddress(bytes([0x02, 0, 0, 0, number >> 8, number & 0xFF])), "dhcp", "DISCOVER")
+        ctx.policy.record(MacAddress.random_xen({MacAddress.parse(MAC)}), "dhcp", "DISCOVER")
     ctx.timeline.flush()
     with sqlite3.connect(ctx.config.database) as conn:
         by_mac = dict(conn.execute("SELECT mac, COUNT(*) FROM events GROUP BY mac").fetchall())
