@@ -28,7 +28,7 @@ class Context:
 
 def build(config: Config) -> Context:
     store = open_store(config.database)
-    timeline = Timeline(store)
+    timeline = Timeline(store, config.server.events_per_host)
     policy = BootPolicy(store, config, timeline)
     writer = BootConfigWriter(config.tftp_root, policy)
     return Context(config, store, timeline, policy, writer, Provisioning(store, policy, writer))

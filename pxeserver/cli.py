@@ -151,7 +151,7 @@ def profile_list(ctx: click.Context) -> None:
 def profile_show(ctx: click.Context, name: str) -> None:
     """Show one profile as JSON."""
     with _context(ctx) as context:
-        _print_json(context.store.get_profile(name).to_dict())
+        _print_json(context.store.get_profile(name).to_dict(context.config.api.secret_vars))
 
 
 @profile.command("rm")
@@ -184,7 +184,7 @@ def _with_mac(action: Callable[..., None]) -> Callable[..., None]:
 @click.option("--memory", type=int, help="domU memory in MB.")
 @click.option("--vcpus", type=int)
 @click.option("--bridge")
-@click.option("--disk", help="xl disk spec.")
+@click.option("--disk", help="xl disk spec (target, format, vdev, access) under [xen] disk_roots.")
 @click.pass_context
 def host_add(ctx: click.Context, mac: str | None, hostname: str, profile_name: str, ip: str | None,
              variables: tuple[str, ...], **xen: Any) -> None:
@@ -217,7 +217,7 @@ def host_list(ctx: click.Context) -> None:
 def host_show(ctx: click.Context, mac: str) -> None:
     """Show one host as JSON."""
     with _context(ctx) as context:
-        _print_json(context.store.get_host(MacAddress.parse(mac)).to_dict())
+        _print_json(context.store.get_host(MacAddress.parse(mac)).to_dict(context.config.api.secret_vars))
 
 
 @host.command("rm")
@@ -245,7 +245,7 @@ def host_netboot(ctx: click.Context, mac: str, state: str) -> None:
 @cli.command("domu-config")
 @_with_mac
 @click.option("--bridge")
-@click.option("--disk", help="xl disk spec, e.g. 'phy:/dev/vg/web1,xvda,w'.")
+@click.option("--disk", help="xl disk spec under [xen] disk_roots, e.g. 'phy:/dev/vg_domu/web1,xvda,w'.")
 @click.option("--memory", type=int, help="Memory in MB.")
 @click.option("--vcpus", type=int)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
@@ -255,7 +255,8 @@ def domu_config(ctx: click.Context, mac: str, output: str | None, **overrides: A
     with _context(ctx) as context:
         found = context.store.get_host(MacAddress.parse(mac))
         xen = XenSettings.from_input({k: v for k, v in overrides.items() if v is not None}, found.xen)
-        text = domu.render(found, bridge=xen.bridge, disk=xen.disk, memory=xen.memory, vcpus=xen.vcpus)
+        context.provisioning.check_xen(xen)
+        text = domu.render(found, xen)
         if output:
             Path(output).write_text(text)
             click.echo(f"wrote {output}")

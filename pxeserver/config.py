@@ -29,6 +29,7 @@ class ServerSection:
     kickstarts: str = "kickstarts"
     preseeds: str = "preseeds"
     database: str = ""  # empty: SQLite file registry.db under data_dir
+    events_per_host: int = 1000  # timeline entries kept per host; older ones are dropped
 
 
 @dataclass
@@ -59,6 +60,10 @@ class HttpSection:
     address: str = "0.0.0.0"
     port: int = 80
     threads: int = 32
+    # Who else may fetch a host's kickstart/preseed and make its install-complete call, besides
+    # the host's registered IP or current DHCP lease: CIDR networks, e.g. a NAT gateway's
+    # address. Anyone inside them can read every host's install secrets ("0.0.0.0/0": anyone).
+    autoinstall_trusted_networks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -89,6 +94,16 @@ class DnsSection:
 @dataclass
 class ApiSection:
     token: str = ""
+    # Template variables never shown by the API or the CLI, besides any named like *password*,
+    # *secret*, *token* or *key* (models.SECRET_VAR).
+    secret_vars: list[str] = field(default_factory=list)
+
+
+@dataclass
+class XenSection:
+    # The only places an xen.disk target may lie under: an API client must not be able to hand
+    # a guest dom0's own disk (an operator who needs more writes the xl config by hand).
+    disk_roots: list[str] = field(default_factory=lambda: ["/var/lib/xen/images/", "/dev/vg_domu/"])
 
 
 @dataclass
@@ -100,6 +115,7 @@ class Config:
     dhcp: DhcpSection = field(default_factory=DhcpSection)
     dns: DnsSection = field(default_factory=DnsSection)
     api: ApiSection = field(default_factory=ApiSection)
+    xen: XenSection = field(default_factory=XenSection)
     base_dir: Path = field(default_factory=Path.cwd)
     source: str = "built-in defaults"
 
@@ -173,6 +189,22 @@ def validate(config: Config) -> None:
                            ("max_sessions_per_client", 1, 1_000_000), ("packet_cache_mb", 0, 1 << 20)):
         if not low <= getattr(config.tftp, key) <= high:
             raise ConfigError(f"[tftp] {key} must be {low}..{high}, not {getattr(config.tftp, key)}")
+    if not 1 <= config.server.events_per_host <= 1_000_000:
+        raise ConfigError(f"[server] events_per_host must be 1..1000000, not {config.server.events_per_host}")
+    for network in config.http.autoinstall_trusted_networks:
+        try:
+            if not isinstance(network, str):
+                raise TypeError(network)
+            ipaddress.ip_network(network)
+        except (TypeError, ValueError):
+            raise ConfigError(f"[http] autoinstall_trusted_networks: {network!r} is not a network "
+                              "such as '10.0.0.0/8'") from None
+    for root in config.xen.disk_roots:
+        if not isinstance(root, str) or not root.startswith("/") or ".." in root.split("/"):
+            raise ConfigError(f"[xen] disk_roots: {root!r} is not an absolute path without '..'")
+    for name in config.api.secret_vars:
+        if not isinstance(name, str):
+            raise ConfigError(f"[api] secret_vars: {name!r} is not a variable name")
     try:
         ipaddress.IPv4Network(config.dhcp.subnet)
         if config.server.address:
@@ -196,7 +228,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: {exc}") from None
         for key, values in data.items():
-            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api"):
+            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api", "xen"):
                 raise ConfigError(f"{file}: unknown section [{key}]")
             _apply(getattr(config, key), values, f"{file} [{key}]")
         config.base_dir = file.resolve().parent

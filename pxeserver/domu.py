@@ -4,30 +4,32 @@ from __future__ import annotations
 
 import re
 
-from pxeserver.registry import Host
+from pxeserver.registry import Host, XenSettings
 
 _NAME_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
-def render(host: Host, *, bridge: str | None = None, disk: str | None = None,
-           memory: int | None = None, vcpus: int | None = None) -> str:
+def render(host: Host, xen: XenSettings | None = None) -> str:
     """An xl config: PV guest, pypxeboot as bootloader, one vif with the host's MAC.
 
     ``bootloader_args`` is a list (xl deprecates the string form); pypxeboot finds the MAC
     there, and the bridge to send its DHCP on (dom0's default route may lead elsewhere).
     on_reboot restarts the guest, so after the installer's final reboot the bootloader
     runs again and, with netboot now off, hands over to the installed system.
+
+    Every value is checked again (XenSettings.from_input, XenDisk.parse) and the disk written
+    from its parsed form, so nothing stored by an older release reaches xl unchecked.
     """
     name = _NAME_SAFE.sub("-", host.hostname.split(".", 1)[0])
-    xen = host.xen
-    bridge = bridge if bridge is not None else xen.bridge
-    disk_spec = disk or xen.disk or f"format=raw,vdev=xvda,access=rw,target=/var/lib/xen/images/{name}.img"
+    xen = XenSettings.from_input({}, xen or host.xen)
+    bridge = xen.bridge
+    disk_spec = xen.disk_or(f"/var/lib/xen/images/{name}.img").spec
     lines = [
         f"# {host.hostname}: boots through pypxeboot from pxeserver",
         f'name = "{name}"',
         'type = "pv"',
-        f"memory = {memory if memory is not None else xen.memory}",
-        f"vcpus = {vcpus if vcpus is not None else xen.vcpus}",
+        f"memory = {xen.memory}",
+        f"vcpus = {xen.vcpus}",
         f"vif = ['mac={host.mac},bridge={bridge}']",
         f"disk = ['{disk_spec}']",
         'bootloader = "pypxeboot"',

@@ -112,7 +112,7 @@ def _banner(config: Config, services: list[Service]) -> None:
             print(f"pxeserver: {service.name} listening on {endpoint}", flush=True)
     if not config.api.token and config.http.enabled and _api_exposed(config):
         print(
-            "pxeserver: WARNING: the API accepts writes from anyone who can reach "
+            "pxeserver: WARNING: the API answers reads and writes from anyone who can reach "
             f"{config.http.address}:{config.http.port}; set [api] token in pxeserver.toml",
             flush=True,
         )

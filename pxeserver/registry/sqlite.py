@@ -309,16 +309,22 @@ class SqliteStore:
 
     # -- events -------------------------------------------------------------------------------
 
-    def add_events(self, events: Iterable[Event]) -> None:
-        rows = [(str(e.mac), e.time, e.source, e.message) for e in events]
+    def add_events(self, events: Iterable[Event], keep: int = 1000) -> None:
+        rows = [(str(e.mac), e.time, e.source, e.message, str(e.mac)) for e in events]
         if not rows:
             return
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(
-                "INSERT INTO events (mac, time, source, message) VALUES (?, ?, ?, ?)", rows
+                "INSERT INTO events (mac, time, source, message) SELECT ?, ?, ?, ? "
+                "WHERE EXISTS (SELECT 1 FROM hosts WHERE mac = ?)", rows
             )
+            for mac in {row[0] for row in rows}:
+                conn.execute(
+                    "DELETE FROM events WHERE mac = ? AND id <= (SELECT id FROM events "
+                    "WHERE mac = ? ORDER BY id DESC LIMIT 1 OFFSET ?)", (mac, mac, keep)
+                )
         except BaseException:
             conn.execute("ROLLBACK")
             raise
