@@ -15,15 +15,8 @@ from typing import Any
 from pxeserver.bootconfig import BootConfigWriter
 from pxeserver.mac import MacAddress
 from pxeserver.policy import BootPolicy
-from pxeserver.registry import (
-    Host,
-    NotFound,
-    Profile,
-    Status,
-    Store,
-    ValidationError,
-)
-from pxeserver.registry.models import parse_mac
+from pxeserver.registry import Host, NotFound, Profile, Store, ValidationError
+from pxeserver.registry.models import HostChanges, parse_mac
 
 
 class InvalidToken(PermissionError):
@@ -50,7 +43,7 @@ class Provisioning:
         self.store.put_profile(profile)
         for host in self.store.list_hosts():
             if host.profile == name:
-                self.writer.write_host(host)
+                self.writer.sync_host(host.mac)
         if self.policy.config.boot.default_profile == name:
             self.writer.write_default()
         return profile
@@ -79,44 +72,44 @@ class Provisioning:
         self._check_profile(host.profile)
         host = replace(host, install_token=secrets.token_urlsafe(24))
         self.store.add_host(host)
-        self.writer.write_host(host)
+        self.writer.sync_host(mac)
         self.policy.record(mac, "api", f"registered as {host.hostname} with profile {host.profile}")
         return host
 
     def update_host(self, mac: MacAddress, data: Any) -> Host:
-        current = self.store.get_host(mac)
-        host = current.patched(data)
-        if host.profile != current.profile:
-            self._check_profile(host.profile)
-        if host.netboot and not current.netboot:
-            # Netboot turned back on: a new install, with a new secret for its callback.
-            host = replace(host, status=Status.REGISTERED, install_token=secrets.token_urlsafe(24))
-        self.store.update_host(host)
-        self.writer.write_host(host)
-        changed = sorted(k for k in data if getattr(current, k) != getattr(host, k))
+        """Change the fields ``data`` names and only those; netboot turned back on starts a
+        new install with a new secret for its callback."""
+        changes = HostChanges.from_input(data)
+        if "profile" in changes.fields:
+            self._check_profile(changes.fields["profile"])
+        before, after = self.store.update_host(mac, changes)
+        self.writer.sync_host(mac)
+        changed = [name for name in changes.names if getattr(before, name) != getattr(after, name)]
         if changed:
             self.policy.record(mac, "api", "changed " + ", ".join(changed))
-        return host
+        if after.install_token != before.install_token:
+            self.policy.record(mac, "api", "netboot on: a new install")
+        return after
 
     def set_netboot(self, mac: MacAddress, enabled: bool) -> Host:
         return self.update_host(mac, {"netboot": enabled})
 
     def delete_host(self, mac: MacAddress) -> None:
         self.store.delete_host(mac)
-        self.writer.remove_host(mac)
+        self.writer.sync_host(mac)
 
     def install_done(self, mac: MacAddress, token: str) -> Host:
         """The installer's callback: the host is installed and boots locally from now on."""
         host = self.store.get_host(mac)
         matches = bool(host.install_token) and hmac.compare_digest(
             host.install_token.encode(), token.encode("utf-8", "surrogateescape"))
-        if not matches or not self.store.complete_install(mac, token):
+        installed = self.store.complete_install(mac, token) if matches else None
+        if installed is None:
             self.policy.record(mac, "callback", "refused install-complete call: wrong token")
             raise InvalidToken("wrong or already used install token")
-        host = self.store.get_host(mac)
-        self.writer.write_host(host)
+        self.writer.sync_host(mac)
         self.policy.record(mac, "callback", "install complete; next boot is local")
-        return host
+        return installed
 
     def _check_profile(self, name: str) -> None:
         try:
