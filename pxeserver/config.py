@@ -152,6 +152,9 @@ def _default_route_address() -> str:
         return "127.0.0.1"
 
 
+_TYPE_NAMES = {int: "a whole number", bool: "true or false", str: "a string", list: "a list"}
+
+
 def _apply(section: Any, values: dict[str, Any], where: str) -> None:
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a table")
@@ -161,7 +164,7 @@ def _apply(section: Any, values: dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where}: unknown key {key!r}")
         expected = type(getattr(section, key))
         if expected is int and isinstance(value, bool) or not isinstance(value, expected):
-            raise ConfigError(f"{where}.{key}: expected {expected.__name__}, got {value!r}")
+            raise ConfigError(f"{where} {key} must be {_TYPE_NAMES[expected]}, not {value!r}")
         setattr(section, key, value)
 
 
@@ -336,7 +339,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         for key, values in data.items():
             if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api"):
                 raise ConfigError(f"{file}: unknown section [{key}]")
-            _apply(getattr(config, key), values, f"{file} [{key}]")
+            _apply(getattr(config, key), values, f"{file}: [{key}]")
         config.base_dir = file.resolve().parent
         config.source = str(file)
     try:
