@@ -17,6 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from pxeserver.registry.models import (
+    ValidationError,
+    validate_boot_path,
+    validate_hostname,
+    validate_profile_name,
+)
+
 
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the file and key."""
@@ -242,9 +249,6 @@ def validate(config: Config) -> None:
     Types were checked when the file was read; this checks values, and the keys that only make
     sense together (the pool inside the subnet, start before end, the router in the subnet).
     """
-    from pxeserver.registry.models import ValidationError, validate_boot_path, validate_hostname
-    from pxeserver.registry.models import validate_profile_name
-
     server = config.server
     if server.address:
         _host_address("server", "address", server.address)

@@ -108,7 +108,8 @@ class DhcpService:
                         self.section.address, self.section.interface)
         self._stop.clear()
         self.status.worker.start()
-        self._thread = threading.Thread(target=self.context.supervisor.guard(self._serve, self.name), name="dhcp", daemon=True)
+        self._thread = threading.Thread(
+            target=self.context.supervisor.guard(self._serve, self.name), name="dhcp", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
