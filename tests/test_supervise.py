@@ -104,8 +104,10 @@ def test_a_service_that_dies_stops_the_others_and_exits_1(tmp_path: Path, victim
         assert f"pxeserver: stopped {name}" in log, f"{name} stopped cleanly: {log}"
     assert "Traceback" not in log and "stopping" in log
     assert stopped_in < 10, f"stopped in {stopped_in:.1f}s"
-    with socket.socket() as probe:  # every port is free again
+    with socket.socket() as probe:  # nothing listens any more (TIME_WAIT is fine)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", ports["http"]))
+        probe.listen()
 
 
 def test_a_signal_still_exits_0_and_log_level_warning_hides_info(tmp_path: Path) -> None:
