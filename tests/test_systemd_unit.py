@@ -14,7 +14,7 @@ from conftest import REPO
 
 UNIT = REPO / "contrib" / "pxeserver.service"
 ANALYZE = shutil.which("systemd-analyze")
-pytestmark = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze missing: scripts/setup "
+needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze missing: scripts/setup "
                                                         "installs Debian's systemd package")
 
 
@@ -33,12 +33,14 @@ def installed_copy(tmp_path: Path) -> Path:
     return copy
 
 
+@needs_analyze
 def test_systemd_analyze_verify_accepts_the_unit_without_a_warning(tmp_path: Path) -> None:
     done = subprocess.run([ANALYZE, "verify", str(installed_copy(tmp_path))],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout + done.stderr == "", done.stdout + done.stderr
 
 
+@needs_analyze
 def test_a_unit_with_a_mistake_is_caught_by_the_same_check(tmp_path: Path) -> None:
     copy = installed_copy(tmp_path)
     copy.write_text(copy.read_text().replace("ProtectSystem=strict", "ProtectSytem=strict"))
@@ -46,6 +48,7 @@ def test_a_unit_with_a_mistake_is_caught_by_the_same_check(tmp_path: Path) -> No
     assert "Unknown key" in done.stdout + done.stderr
 
 
+@needs_analyze
 def test_the_unit_restarts_on_failure_and_is_sandboxed(tmp_path: Path) -> None:
     unit = settings()
     assert unit["ExecStart"] == "/usr/local/bin/pxeserver serve"
@@ -62,3 +65,14 @@ def test_the_unit_restarts_on_failure_and_is_sandboxed(tmp_path: Path) -> None:
     exposure = re.search(r"Overall exposure level for pxeserver.service: ([0-9.]+)", done.stdout)
     assert exposure is not None, done.stdout + done.stderr
     assert float(exposure.group(1)) <= 2.5, done.stdout
+
+
+def test_the_sample_configuration_is_valid_and_writes_only_where_the_unit_allows() -> None:
+    from pxeserver import config
+
+    sample = config.load(REPO / "contrib" / "pxeserver.toml")
+    unit = settings()
+    assert sample.data_dir == Path("/var/lib") / unit["StateDirectory"]
+    assert sample.tftp_root / "pxelinux.cfg" == Path(unit["ReadWritePaths"])
+    assert Path(sample.database).parent == sample.data_dir
+    assert unit["Environment"] == "PXESERVER_CONFIG=/etc/pxeserver/pxeserver.toml"
