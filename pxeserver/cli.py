@@ -88,15 +88,19 @@ def cli(config_file: str | None, data_dir: str | None) -> None:
 @click.option("--http/--no-http", "http_enabled", default=None)
 @click.option("--dhcp/--no-dhcp", "dhcp_enabled", default=None)
 @click.option("--dns/--no-dns", "dns_enabled", default=None)
+@click.option("--log-level", type=click.Choice(config_module.LOG_LEVELS, case_sensitive=False),
+              help="Overrides [server] log_level (default info).")
 @click.pass_context
 def serve(ctx: click.Context, address: str | None, tftp_port: int | None, http_port: int | None,
-          dns_port: int | None, **enabled: bool | None) -> None:
-    """Run every enabled service until SIGINT or SIGTERM."""
+          dns_port: int | None, log_level: str | None, **enabled: bool | None) -> None:
+    """Run every enabled service until SIGINT or SIGTERM, or until one of them fails (exit 1)."""
     from pxeserver import serve as serve_module
 
     cfg = _load_config(ctx)
     if address:
         cfg.server.address = address
+    if log_level:
+        cfg.server.log_level = log_level.lower()
     for section, port in (("tftp", tftp_port), ("http", http_port), ("dns", dns_port)):
         if port is not None:
             getattr(cfg, section).port = port

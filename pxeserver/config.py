@@ -10,11 +10,19 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from pxeserver.registry.models import (
+    ValidationError,
+    validate_boot_path,
+    validate_hostname,
+    validate_profile_name,
+)
 
 
 class ConfigError(ValueError):
@@ -28,7 +36,8 @@ class ServerSection:
     tftp_root: str = "tftproot"
     kickstarts: str = "kickstarts"
     preseeds: str = "preseeds"
-    database: str = ""  # empty: SQLite file registry.db under data_dir
+    database: str = ""  # empty: SQLite file registry.db under data_dir; else a SQLite file path
+    log_level: str = "info"  # debug, info, warning or error
     events_per_host: int = 1000  # timeline entries kept per host; older ones are dropped
 
 
@@ -141,7 +150,9 @@ class Config:
 
     @property
     def database(self) -> str:
-        return self.server.database or str(self.data_dir / "registry.db")
+        if not self.server.database:
+            return str(self.data_dir / "registry.db")
+        return str(self.path(self.server.database))
 
     @property
     def advertised_address(self) -> str:
@@ -164,6 +175,9 @@ def _default_route_address() -> str:
         return "127.0.0.1"
 
 
+_TYPE_NAMES = {int: "a whole number", bool: "true or false", str: "a string", list: "a list"}
+
+
 def _apply(section: Any, values: dict[str, Any], where: str) -> None:
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a table")
@@ -173,44 +187,174 @@ def _apply(section: Any, values: dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where}: unknown key {key!r}")
         expected = type(getattr(section, key))
         if expected is int and isinstance(value, bool) or not isinstance(value, expected):
-            raise ConfigError(f"{where}.{key}: expected {expected.__name__}, got {value!r}")
+            raise ConfigError(f"{where} {key} must be {_TYPE_NAMES[expected]}, not {value!r}")
         setattr(section, key, value)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_INTERFACE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ, and what ip-link accepts
+_TOKEN = re.compile(r"^[\x21-\x7e]*$")  # printable ASCII: it travels in an HTTP header
+MAX_LEASE_TIME = 0xFFFFFFFE  # seconds; 0xFFFFFFFF means "infinite" in DHCP
+
+
+def _fail(section: str, key: str, problem: str) -> NoReturn:
+    raise ConfigError(f"[{section}] {key} {problem}")
+
+
+def _range(config: Config, section: str, key: str, low: int, high: int) -> None:
+    value = getattr(getattr(config, section), key)
+    if not low <= value <= high:
+        _fail(section, key, f"must be {low}..{high}, not {value}")
+
+
+def _ipv4(section: str, key: str, value: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(value)
+    except ValueError:
+        _fail(section, key, f"must be an IPv4 address, not {value!r}")
+
+
+def _bind_address(config: Config, section: str) -> None:
+    """A local IPv4 address to bind, or 0.0.0.0 for every one (TFTP, DHCP and DNS are IPv4)."""
+    _ipv4(section, "address", getattr(config, section).address)
+
+
+def _host_address(section: str, key: str, value: str,
+                  subnet: ipaddress.IPv4Network | None = None) -> ipaddress.IPv4Address:
+    """An address a client is told or given: not 0.0.0.0, broadcast or multicast."""
+    address = _ipv4(section, key, value)
+    if address.is_unspecified or address.is_multicast or address == ipaddress.IPv4Address(
+            "255.255.255.255"):
+        _fail(section, key, f"must be an address clients can use, not {value}")
+    if subnet is not None:
+        if address not in subnet:
+            _fail(section, key, f"must be inside [dhcp] subnet {subnet}, not {value}")
+        if subnet.prefixlen < 31 and address in (subnet.network_address, subnet.broadcast_address):
+            _fail(section, key, f"must not be the network or broadcast address of {subnet}")
+    return address
+
+
+def _directory(config: Config, key: str) -> None:
+    value = getattr(config.server, key)
+    if not value or "\0" in value:
+        _fail("server", key, "must be a directory path")
+    path = config.path(value)
+    if path.exists() and not path.is_dir():
+        _fail("server", key, f"must be a directory, and {path} is not one")
+
+
+def _database(config: Config) -> None:
+    """Empty (registry.db under data_dir), or a SQLite file path; a URL only once its store
+    exists, so ``postgresql://...`` never silently becomes a SQLite file named like the URL."""
+    value = config.server.database
+    scheme, sep, _ = value.partition("://")
+    if sep:
+        if scheme in ("postgresql", "postgres"):
+            _fail("server", "database", "must be empty or a SQLite file path "
+                                        "(PostgreSQL store not available yet)")
+        _fail("server", "database", f"must be empty or a SQLite file path, not a {scheme}:// URL")
+    if "\0" in value or value.endswith("/"):
+        _fail("server", "database", f"must be a file path, not {value!r}")
+    if value and config.path(value).is_dir():
+        _fail("server", "database", f"must be a SQLite file, and {config.path(value)} is a directory")
+
+
 def validate(config: Config) -> None:
-    for name in ("tftp", "http", "dhcp", "dns"):
-        port = getattr(config, name).port
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"[{name}] port {port} is out of range")
-    if config.dhcp.mode not in ("full", "proxy"):
-        raise ConfigError(f"[dhcp] mode must be 'full' or 'proxy', not {config.dhcp.mode!r}")
+    """Every key checked; the first bad one is a ConfigError naming it, on one line.
+
+    Types were checked when the file was read; this checks values, and the keys that only make
+    sense together (the pool inside the subnet, start before end, the router in the subnet).
+    """
+    server = config.server
+    if server.address:
+        _host_address("server", "address", server.address)
+    for key in ("data_dir", "tftp_root", "kickstarts", "preseeds"):
+        _directory(config, key)
+    _database(config)
+    if server.log_level not in LOG_LEVELS:
+        _fail("server", "log_level",
+              f"must be one of {', '.join(LOG_LEVELS)}, not {server.log_level!r}")
+
+    try:
+        if config.boot.default_profile:
+            validate_profile_name(config.boot.default_profile)
+    except ValidationError as exc:
+        _fail("boot", "default_profile", f"must be a profile name: {exc}")
+    for key in ("efi_loader", "bios_loader"):
+        try:
+            validate_boot_path(key, getattr(config.boot, key))
+        except ValidationError as exc:
+            _fail("boot", key, f"must be a path under the TFTP root: {exc}")
+
+    for section in ("tftp", "http", "dhcp", "dns"):
+        _range(config, section, "port", 0, 65535)
+    for section in ("tftp", "dhcp", "dns"):
+        _bind_address(config, section)
+    try:
+        ipaddress.ip_address(config.http.address)
+    except ValueError:
+        _fail("http", "address", f"must be an IP address, not {config.http.address!r}")
     for key, low, high in (("timeout", 1, 255), ("retries", 0, 100), ("max_blksize", 8, 65464),
                            ("max_windowsize", 1, 65535), ("max_sessions", 1, 1_000_000),
                            ("max_sessions_per_client", 1, 1_000_000), ("packet_cache_mb", 0, 1 << 20)):
-        if not low <= getattr(config.tftp, key) <= high:
-            raise ConfigError(f"[tftp] {key} must be {low}..{high}, not {getattr(config.tftp, key)}")
-    if not 1 <= config.server.events_per_host <= 1_000_000:
-        raise ConfigError(f"[server] events_per_host must be 1..1000000, not {config.server.events_per_host}")
+        _range(config, "tftp", key, low, high)
+    _range(config, "http", "threads", 1, 1024)
+
+    dhcp = config.dhcp
+    if dhcp.mode not in ("full", "proxy"):
+        _fail("dhcp", "mode", f"must be 'full' or 'proxy', not {dhcp.mode!r}")
+    if dhcp.interface and not _INTERFACE.match(dhcp.interface):
+        _fail("dhcp", "interface", "must be a network interface name (1 to 15 letters, digits, "
+                                   f"'.', '_' or '-'), not {dhcp.interface!r}")
+    _range(config, "server", "events_per_host", 1, 1_000_000)
     for network in config.http.autoinstall_trusted_networks:
         try:
             if not isinstance(network, str):
                 raise TypeError(network)
             ipaddress.ip_network(network)
         except (TypeError, ValueError):
-            raise ConfigError(f"[http] autoinstall_trusted_networks: {network!r} is not a network "
-                              "such as '10.0.0.0/8'") from None
+            _fail("http", "autoinstall_trusted_networks",
+                  f"must be networks such as '10.0.0.0/8', not {network!r}")
     for root in config.xen.disk_roots:
         if not isinstance(root, str) or not root.startswith("/") or ".." in root.split("/"):
-            raise ConfigError(f"[xen] disk_roots: {root!r} is not an absolute path without '..'")
+            _fail("xen", "disk_roots", f"must be absolute paths without '..', not {root!r}")
     for name in config.api.secret_vars:
         if not isinstance(name, str):
-            raise ConfigError(f"[api] secret_vars: {name!r} is not a variable name")
+            _fail("api", "secret_vars", f"must be variable names, not {name!r}")
     try:
-        ipaddress.IPv4Network(config.dhcp.subnet)
-        if config.server.address:
-            ipaddress.IPv4Address(config.server.address)
+        subnet = ipaddress.IPv4Network(dhcp.subnet)
     except ValueError as exc:
-        raise ConfigError(f"bad address in configuration: {exc}") from None
+        _fail("dhcp", "subnet", f"must be an IPv4 network such as 10.0.0.0/24: {exc}")
+    if dhcp.router:
+        _host_address("dhcp", "router", dhcp.router, subnet)
+    if bool(dhcp.pool_start) != bool(dhcp.pool_end):
+        missing, given = ("pool_start", "pool_end") if dhcp.pool_end else ("pool_end", "pool_start")
+        _fail("dhcp", missing, f"must be set with {given} (both, or neither for no pool)")
+    if dhcp.pool_start:
+        first = _host_address("dhcp", "pool_start", dhcp.pool_start, subnet)
+        last = _host_address("dhcp", "pool_end", dhcp.pool_end, subnet)
+        if first > last:
+            _fail("dhcp", "pool_end", f"must be at least pool_start {first}, not {last}")
+    _range(config, "dhcp", "lease_time", 60, MAX_LEASE_TIME)
+    for server_ip in dhcp.dns_servers:
+        if not isinstance(server_ip, str):
+            _fail("dhcp", "dns_servers", f"must be IPv4 address strings, not {server_ip!r}")
+        _host_address("dhcp", "dns_servers", server_ip)
+
+    try:
+        validate_hostname(config.dns.domain)
+    except ValidationError as exc:
+        _fail("dns", "domain", f"must be a domain name: {exc}")
+    if config.dns.upstream:
+        from pxeserver.dns.forward import parse_upstream
+
+        try:
+            parse_upstream(config.dns.upstream)
+        except ValueError:
+            _fail("dns", "upstream", f"must be an IPv4 address[:port], not {config.dns.upstream!r}")
+
+    if not _TOKEN.match(config.api.token):
+        _fail("api", "token", "must be printable ASCII without spaces")
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:
@@ -230,8 +374,11 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         for key, values in data.items():
             if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api", "xen"):
                 raise ConfigError(f"{file}: unknown section [{key}]")
-            _apply(getattr(config, key), values, f"{file} [{key}]")
+            _apply(getattr(config, key), values, f"{file}: [{key}]")
         config.base_dir = file.resolve().parent
         config.source = str(file)
-    validate(config)
+    try:
+        validate(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{config.source}: {exc}" if chosen is not None else str(exc)) from None
     return config

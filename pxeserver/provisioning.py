@@ -17,17 +17,8 @@ from typing import Any
 from pxeserver.bootconfig import BootConfigWriter
 from pxeserver.mac import MacAddress
 from pxeserver.policy import BootPolicy, SecretRefused
-from pxeserver.registry import (
-    Conflict,
-    Host,
-    NotFound,
-    Profile,
-    Status,
-    Store,
-    ValidationError,
-    XenSettings,
-)
-from pxeserver.registry.models import XenDisk, parse_mac
+from pxeserver.registry import Conflict, Host, NotFound, Profile, Store, ValidationError, XenSettings
+from pxeserver.registry.models import HostChanges, XenDisk, parse_mac
 
 
 class InvalidToken(PermissionError):
@@ -54,7 +45,7 @@ class Provisioning:
         self.store.put_profile(profile)
         for host in self.store.list_hosts():
             if host.profile == name:
-                self.writer.write_host(host)
+                self.writer.sync_host(host.mac)
         if self.policy.config.boot.default_profile == name:
             self.writer.write_default()
         return profile
@@ -85,35 +76,36 @@ class Provisioning:
         self.check_xen(host.xen)
         host = replace(host, install_token=secrets.token_urlsafe(24))
         self.store.add_host(host)
-        self.writer.write_host(host)
+        self.writer.sync_host(mac)
         self.policy.record(mac, "api", f"registered as {host.hostname} with profile {host.profile}")
         return host
 
     def update_host(self, mac: MacAddress, data: Any) -> Host:
+        """Change the fields ``data`` names and only those; netboot turned back on starts a
+        new install with a new secret for its callback."""
         current = self.store.get_host(mac)
-        host = current.patched(data)
-        if host.profile != current.profile:
-            self._check_profile(host.profile)
-        if host.ip != current.ip:
-            self._check_ip(host)
-        if host.xen != current.xen:
-            self.check_xen(host.xen)
-        if host.netboot and not current.netboot:
-            # Netboot turned back on: a new install, with a new secret for its callback.
-            host = replace(host, status=Status.REGISTERED, install_token=secrets.token_urlsafe(24))
-        self.store.update_host(host)
-        self.writer.write_host(host)
-        changed = sorted(k for k in data if getattr(current, k) != getattr(host, k))
+        changes = HostChanges.from_input(data, current.vars)
+        if "profile" in changes.fields:
+            self._check_profile(changes.fields["profile"])
+        if "ip" in changes.fields:
+            self._check_ip(replace(current, ip=changes.fields["ip"]))
+        if "disk" in changes.xen:
+            self.check_xen(XenSettings.from_input({"disk": changes.xen["disk"]}))
+        before, after = self.store.update_host(mac, changes)
+        self.writer.sync_host(mac)
+        changed = [name for name in changes.names if getattr(before, name) != getattr(after, name)]
         if changed:
             self.policy.record(mac, "api", "changed " + ", ".join(changed))
-        return host
+        if after.install_token != before.install_token:
+            self.policy.record(mac, "api", "netboot on: a new install")
+        return after
 
     def set_netboot(self, mac: MacAddress, enabled: bool) -> Host:
         return self.update_host(mac, {"netboot": enabled})
 
     def delete_host(self, mac: MacAddress) -> None:
         self.store.delete_host(mac)
-        self.writer.remove_host(mac)
+        self.writer.sync_host(mac)
 
     def install_done(self, mac: MacAddress, token: str, *, client_ip: str | None) -> Host:
         """The installer's callback: the host is installed and boots locally from now on.
@@ -130,13 +122,13 @@ class Provisioning:
                 raise InvalidToken(str(exc)) from None
         matches = bool(host.install_token) and hmac.compare_digest(
             host.install_token.encode(), token.encode("utf-8", "surrogateescape"))
-        if not matches or not self.store.complete_install(mac, token):
+        installed = self.store.complete_install(mac, token) if matches else None
+        if installed is None:
             self.policy.record(mac, "callback", "refused install-complete call: wrong token")
             raise InvalidToken("wrong or already used install token")
-        host = self.store.get_host(mac)
-        self.writer.write_host(host)
+        self.writer.sync_host(mac)
         self.policy.record(mac, "callback", "install complete; next boot is local")
-        return host
+        return installed
 
     def check_xen(self, xen: XenSettings) -> None:
         """The disk must lie under [xen] disk_roots: a guest must never get dom0's own disk."""

@@ -25,8 +25,10 @@ def snapshot(client) -> tuple[list, list]:
 
 def test_profile_round_trip(client) -> None:
     assert client.get("/api/profiles/deb").get_json() == {**PROFILE, "autoinstall": ""}
-    changed = {**PROFILE, "append": "console=xvc0"}
-    assert client.put("/api/profiles/deb", json=changed).get_json()["append"] == "console=xvc0"
+    changed = {**PROFILE, "append": "console=xvc0", "kernel": "images/deb2/linux",
+               "initrd": "images/deb2/initrd.gz", "vars": {"suite": "trixie", "mirror": "m"}}
+    assert client.put("/api/profiles/deb", json=changed).get_json() == {**changed, "autoinstall": ""}
+    assert client.get("/api/profiles/deb").get_json() == {**changed, "autoinstall": ""}
     assert client.delete("/api/profiles/deb").status_code == 204
     assert client.get("/api/profiles/deb").status_code == 404
 
@@ -52,8 +54,11 @@ def test_patch_and_delete_host(client) -> None:
     client.post("/api/hosts", json={"mac": "00:16:3e:aa:bb:cc", "hostname": "web1", "profile": "deb"})
     patched = client.patch("/api/hosts/00:16:3e:aa:bb:cc", json={"ip": "10.0.0.9", "xen": {"memory": 512}})
     assert patched.status_code == 200
-    assert patched.get_json()["ip"] == "10.0.0.9"
-    assert patched.get_json()["xen"]["memory"] == 512
+    expected = {"mac": "00:16:3e:aa:bb:cc", "hostname": "web1", "ip": "10.0.0.9", "profile": "deb",
+                "netboot": True, "status": "registered", "vars": {},
+                "xen": {"memory": 512, "vcpus": 1, "bridge": "xenbr0", "disk": ""}}
+    assert patched.get_json() == expected
+    assert client.get("/api/hosts/00:16:3e:aa:bb:cc").get_json() == expected
     assert client.delete("/api/profiles/deb").status_code == 409
     assert client.delete("/api/hosts/00-16-3e-aa-bb-cc").status_code == 204
     assert client.get("/api/hosts/00:16:3e:aa:bb:cc").status_code == 404

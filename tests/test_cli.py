@@ -42,7 +42,9 @@ def state(workdir: Path) -> tuple[list[str], list[tuple[str, str]]]:
 def test_profile_and_host_lifecycle(workdir: Path) -> None:
     run(workdir, "profile", "add", "deb", "--kernel", "images/deb/linux", "--initrd",
         "images/deb/initrd.gz", "--append", "console=hvc0", "--autoinstall", "debian-xen.cfg")
-    assert json.loads(run(workdir, "profile", "show", "deb").stdout)["autoinstall"] == "debian-xen.cfg"
+    assert json.loads(run(workdir, "profile", "show", "deb").stdout) == {
+        "name": "deb", "kernel": "images/deb/linux", "initrd": "images/deb/initrd.gz",
+        "append": "console=hvc0", "autoinstall": "debian-xen.cfg", "vars": {}}
     mac = run(workdir, "host", "add", "--hostname", "web1", "--profile", "deb").stdout.strip()
     assert mac.startswith("00:16:3e:")
     run(workdir, "host", "add", "--mac", "00-16-3E-AA-BB-CC", "--hostname", "web2", "--profile", "deb", "--ip", "10.0.0.20")
@@ -70,7 +72,8 @@ def test_domu_config_written_to_a_file(workdir: Path) -> None:
     assert values["vif"] == ["mac=00:16:3e:aa:bb:cc,bridge=br1"]
     assert values["memory"] == 768 and values["bootloader"] == "pypxeboot"
     assert values["bootloader_args"] == ["mac=00:16:3e:aa:bb:cc", "interface=br1"]
-    assert values["disk"] == ["format=raw,vdev=xvda,access=rw,target=/dev/vg_domu/web1"]
+    assert (values["name"], values["type"], values["vcpus"], values["disk"]) == (
+        "web1", "pv", 1, ["format=raw,vdev=xvda,access=rw,target=/dev/vg_domu/web1"])
 
 
 def test_disk_roots_come_from_the_config_file(workdir: Path) -> None:
@@ -152,7 +155,7 @@ def test_broken_config_file_is_one_clear_line(workdir: Path) -> None:
 
 
 @pytest.mark.parametrize("text, message", [
-    ('[xen]\ndisk_roots = ["dev/vg_domu/"]\n', "[xen] disk_roots: 'dev/vg_domu/' is not an absolute path"),
+    ('[xen]\ndisk_roots = ["dev/vg_domu/"]\n', "[xen] disk_roots must be absolute paths without '..', not 'dev/vg_domu/'"),
     ('[xen]\ndisk_roots = ["/dev/vg_domu/../"]\n', "[xen] disk_roots"),
     ('[http]\nautoinstall_trusted_networks = ["10.0.0.0/33"]\n', "[http] autoinstall_trusted_networks"),
     ('[http]\nautoinstall_trusted_networks = [5]\n', "[http] autoinstall_trusted_networks"),

@@ -7,8 +7,6 @@ as an unknown type, count as failures too). Then the hostile-template and hostil
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import logging
 import re
 import subprocess
@@ -20,6 +18,7 @@ import pytest
 from http_support import MAC, curl, running
 
 from pxeserver.app import Context
+from pxeserver.registry.models import HostChanges
 
 KSVALIDATOR = str(Path(sys.executable).parent / "ksvalidator")
 FULL_VARS = {
@@ -130,7 +129,7 @@ def test_template_failures_are_500_with_the_cause_only_in_the_log(
     host = ctx.provisioning.add_host({"mac": MAC, "hostname": "web1", "profile": "p", "ip": "127.0.0.1"})
     # The API refuses such a value (400); written straight into the store, as by an older
     # release, it must still never reach the rendered file.
-    ctx.store.update_host(replace(host, vars={"injected": "x\n%post\nrm -rf /\n%end"}))
+    ctx.store.update_host(host.mac, HostChanges(fields={"vars": {"injected": "x\n%post\nrm -rf /\n%end"}}))
     with running(ctx):
         reply = curl(f"{ctx.config.http_base_url}/ks/{host.mac}")
     assert reply.status == 500

@@ -81,7 +81,8 @@ class DnsService:
         self._udp_wake = socket.socketpair()
         self._tcp_wake = socket.socketpair()
         for target, name in ((self._serve_udp, "dns-udp"), (self._serve_tcp, "dns-tcp")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread = threading.Thread(
+                target=self._context.supervisor.guard(target, self.name), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
         log.info("dns: authoritative for %s on %s", domain, ", ".join(self.endpoints()))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from dataclasses import dataclass, field, replace
+import secrets
+from dataclasses import dataclass, field
 from enum import Enum
 from collections.abc import Collection
 from typing import Any
@@ -422,7 +423,6 @@ class Host:
     install_token: str = ""
 
     CREATE_FIELDS = frozenset({"mac", "hostname", "ip", "profile", "netboot", "vars", "xen"})
-    PATCH_FIELDS = frozenset({"hostname", "ip", "profile", "netboot", "vars", "xen"})
 
     @classmethod
     def from_input(cls, data: object, *, mac: MacAddress) -> Host:
@@ -443,29 +443,6 @@ class Host:
             xen=XenSettings.from_input(data.get("xen")),
         )
 
-    def patched(self, data: object) -> Host:
-        """This host with the fields of a PATCH body applied, each validated."""
-        data = _only_keys(data, set(self.PATCH_FIELDS), "host")
-        changes: dict[str, Any] = {}
-        if "hostname" in data:
-            changes["hostname"] = validate_hostname(_string(data, "hostname", required=True))
-        if "profile" in data:
-            changes["profile"] = validate_profile_name(_string(data, "profile", required=True))
-        if "ip" in data:
-            ip = data["ip"]
-            if ip is not None and not isinstance(ip, str):
-                raise ValidationError("ip must be a string or null")
-            changes["ip"] = validate_ipv4(ip) if ip else None
-        if "netboot" in data:
-            if not isinstance(data["netboot"], bool):
-                raise ValidationError("netboot must be true or false")
-            changes["netboot"] = data["netboot"]
-        if "vars" in data:
-            changes["vars"] = validate_vars(data["vars"], keep=self.vars)
-        if "xen" in data:
-            changes["xen"] = XenSettings.from_input(data["xen"], self.xen)
-        return replace(self, **changes)
-
     def to_dict(self, secret_vars: Collection[str] = ()) -> dict[str, Any]:
         """The host as the API and the CLI show it: secret variables masked, no install token."""
         return {
@@ -478,6 +455,61 @@ class Host:
             "vars": masked_vars(self.vars, secret_vars),
             "xen": self.xen.to_dict(),
         }
+
+
+@dataclass(frozen=True)
+class HostChanges:
+    """The fields one PATCH names, each validated; the store writes these and nothing else.
+
+    ``netboot`` is not a plain field: turning it on starts a new install (status back to
+    registered, a new install token), so the store sets it only by compare-and-set.
+    """
+
+    fields: dict[str, Any] = field(default_factory=dict)  # new hostname, ip, profile, vars
+    xen: dict[str, Any] = field(default_factory=dict)  # xen settings merged into the stored ones
+    netboot: bool | None = None
+    # The secret of the install this change starts if it turns netboot on.
+    install_token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+
+    NAMES = frozenset({"hostname", "ip", "profile", "netboot", "vars", "xen"})
+    PLAIN = frozenset({"hostname", "ip", "profile", "vars"})  # written as given
+
+    def __post_init__(self) -> None:
+        if not set(self.fields) <= self.PLAIN:  # the store puts these names into its SQL
+            raise ValueError(f"not plain host fields: {sorted(set(self.fields) - self.PLAIN)}")
+
+    @classmethod
+    def from_input(cls, data: object, stored_vars: dict[str, Any] | None = None) -> HostChanges:
+        """``stored_vars``: the host's variables now, kept where ``data`` sends back the mask."""
+        data = _only_keys(data, set(cls.NAMES), "host")
+        fields: dict[str, Any] = {}
+        if "hostname" in data:
+            fields["hostname"] = validate_hostname(_string(data, "hostname", required=True))
+        if "profile" in data:
+            fields["profile"] = validate_profile_name(_string(data, "profile", required=True))
+        if "ip" in data:
+            ip = data["ip"]
+            if ip is not None and not isinstance(ip, str):
+                raise ValidationError("ip must be a string or null")
+            fields["ip"] = validate_ipv4(ip) if ip else None
+        if "vars" in data:
+            fields["vars"] = validate_vars(data["vars"], keep=stored_vars)
+        netboot = data.get("netboot")
+        if "netboot" in data and not isinstance(netboot, bool):
+            raise ValidationError("netboot must be true or false")
+        xen: dict[str, Any] = {}
+        if "xen" in data:
+            given = _only_keys(data["xen"], {"memory", "vcpus", "bridge", "disk"}, "xen")
+            xen = {key: value for key, value in XenSettings.from_input(given).to_dict().items()
+                   if key in given}
+        return cls(fields=fields, xen=xen, netboot=netboot)
+
+    @property
+    def names(self) -> list[str]:
+        """The host fields this change names, as the API spells them."""
+        named = [*self.fields, *(["xen"] if self.xen else []),
+                 *(["netboot"] if self.netboot is not None else [])]
+        return sorted(named)
 
 
 @dataclass(frozen=True)

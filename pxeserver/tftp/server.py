@@ -94,7 +94,8 @@ class TftpService:
         self._epoll.register(listener.fileno(), select.EPOLLIN)
         self._events = EventRecorder(self.context.policy)
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="tftp", daemon=True)
+        self._thread = threading.Thread(
+            target=self.context.supervisor.guard(self._run, self.name), name="tftp", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
