@@ -185,7 +185,7 @@ def test_timeout_above_the_cap_is_not_acknowledged_and_the_server_keeps_its_own(
         assert reply == b"\x00\x06tsize\x002000\x00"  # RFC 2349: a timeout is acked as asked or not at all
         started = time.monotonic()
         again, _ = client.recv()  # the OACK again, after the server's own 1 s, not 255 s
-        assert again == reply and 0.7 <= time.monotonic() - started <= 1.6
+        assert again == reply and 0.7 <= time.monotonic() - started <= 2.0
         client.close()
         allowed = RawClient(service.port)
         assert allowed.ask(request("file", timeout=ctx.config.tftp.max_timeout))[0] == (
@@ -205,7 +205,7 @@ def test_silent_client_is_dropped_at_the_session_deadline_whatever_its_retries(c
         assert service.active_sessions == 1
         while service.active_sessions and time.monotonic() - started < 10:
             time.sleep(0.05)
-        assert service.active_sessions == 0 and 2.8 <= time.monotonic() - started <= 3.6
+        assert service.active_sessions == 0 and 2.8 <= time.monotonic() - started <= 4.5  # not 300 s
         # A client that keeps acknowledging is not cut off by the deadline: each ACK restarts it.
         slow = RawClient(service.port)
         reply, tid = slow.ask(request("file", blksize=512))
