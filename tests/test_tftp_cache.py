@@ -16,7 +16,7 @@ import pytest
 
 from pxeserver.app import Context
 from pxeserver.tftp import TftpService
-from pxeserver.tftp.cache import RACY_SECONDS, FileMemory, Packets, Slices
+from pxeserver.tftp.cache import ENTRY_OVERHEAD, RACY_SECONDS, FileMemory, Packets, Slices
 from tftp_support import client  # noqa: F401 (a fixture)
 from tftp_support import RawClient, ack, request, running
 
@@ -106,38 +106,41 @@ def test_the_cache_stays_within_its_configured_size(ctx: Context) -> None:
 
 
 def test_least_recently_used_idle_entry_goes_first_and_none_takes_over_half() -> None:
-    memory = FileMemory(3000)
+    size = 1000
+    memory = FileMemory(3 * (size + ENTRY_OVERHEAD))
     for key in "abc":
-        assert memory.add(key, key, 1000)
+        assert memory.add(key, key, size)
         memory.release(key)  # idle, still kept for the next transfer
     assert memory.hold("a") == "a"  # now the most recently used, and in use
     memory.release("a")
-    assert memory.add("d", "d", 1000)
+    assert memory.add("d", "d", size)
     assert memory.hold("b") is None  # the least recently used went
     assert all(memory.hold(key) == key for key in "acd")
-    assert memory.charged == 3000
-    assert not memory.room_for(1501) and not memory.add("huge", "huge", 1501)
+    assert memory.charged == memory.capacity
+    half = memory.capacity // 2 - ENTRY_OVERHEAD
+    assert not memory.room_for(half + 1) and not memory.add("huge", "huge", half + 1)
 
 
 def test_entries_in_use_are_never_evicted_and_what_does_not_fit_is_not_made() -> None:
-    memory = FileMemory(3000)
-    assert memory.add("snapshot", "bytes", 1000)
-    assert memory.add("packets", "list", 1000, parent="snapshot")
+    size = 1000
+    memory = FileMemory(3 * (size + ENTRY_OVERHEAD))
+    assert memory.add("snapshot", "bytes", size)
+    assert memory.add("packets", "list", size, parent="snapshot")
     memory.release("snapshot")  # the transfer lets go; its packets still hold the snapshot
-    assert memory.add("other", "x", 1000)  # held by a transfer
-    assert not memory.add("more", "y", 1000)  # full of entries in use: refused, not over the cap
-    assert memory.charged == 3000
+    assert memory.add("other", "x", size)  # held by a transfer
+    assert not memory.add("more", "y", size)  # full of entries in use: refused, not over the cap
+    assert memory.charged == memory.capacity
     memory.release("packets")  # now idle: packets go first, then the snapshot they held
-    assert memory.add("more", "y", 1000) and memory.add("more2", "z", 1000)
+    assert memory.add("more", "y", size) and memory.add("more2", "z", size)
     assert memory.hold("packets") is None and memory.hold("snapshot") is None
-    assert memory.charged == 3000
+    assert memory.charged == memory.capacity
 
 
-def test_a_private_entry_goes_when_its_transfer_ends() -> None:
-    memory = FileMemory(3000)
+def test_a_private_entry_is_charged_until_its_transfer_ends() -> None:
+    memory = FileMemory(3 * (1000 + ENTRY_OVERHEAD))
     private = object()
-    assert memory.add(private, "bytes", 1000, shared=False)
-    assert memory.charged == 1000 and len(memory) == 0
+    assert memory.add(private, b"bytes", 1000, shared=False)
+    assert memory.charged == 1000 + ENTRY_OVERHEAD and len(memory) == 0 and memory.hold(private) is None
     memory.release(private)
     assert memory.charged == 0
 

@@ -26,6 +26,7 @@ from conftest import free_port
 from pxeserver.app import Context
 from pxeserver.tftp import TftpService
 from pxeserver.tftp.cache import RACY_SECONDS
+from pxeserver.tftp.files import NetasciiStreamed
 from pxeserver.tftp.packets import netascii
 from tftp_support import RawClient, ack, error_of, request, running
 
@@ -229,6 +230,41 @@ def test_session_deadline_shorter_than_the_timeouts_is_a_config_error(tmp_path: 
 
 
 # -- memory ---------------------------------------------------------------------------------
+
+def test_netascii_past_the_cap_is_converted_block_by_block(ctx: Context, tmp_path: Path) -> None:
+    ctx.config.tftp.packet_cache_mb = 1  # a 700 KB text takes over half: read and converted per block
+    text = b"".join(b"%d\n" % n + b"\r" * (n % 3) + b"\r\n" * (n % 5 == 0) for n in range(100_000))
+    (ctx.config.tftp_root / "notes.txt").write_bytes(text)
+    with running(ctx) as service:
+        assert tftp_hpa_gets(service.port, "notes.txt", tmp_path, mode="netascii") == text
+        for blksize, window in ((9, 8), (1468, 1)):  # boundaries split CR LF and CR NUL pairs
+            raw = RawClient(service.port)
+            data, oack, _ = raw.download("notes.txt", "netascii", blksize=blksize, windowsize=window, tsize=0)
+            raw.close()
+            assert data == netascii(text) and oack is not None and oack["tsize"] == str(len(data))
+        assert service.file_memory.charged == 0
+
+
+def test_netascii_blocks_survive_partial_acknowledgements(tmp_path: Path) -> None:
+    """The window goes back to the first unacknowledged block: its start must still be known."""
+    text = os.urandom(5000).translate(bytes.maketrans(b"\x00\x01\x02\x03", b"\r\n\r\n"))
+    path = tmp_path / "text"
+    path.write_bytes(text)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        blocks = NetasciiStreamed(fd, len(netascii(text)), 9, 4)
+        received, acked = b"", 0
+        for step in range(10_000):
+            window = [blocks.get(block) for block in range(acked + 1, min(acked + 4, blocks.count) + 1)]
+            taken = 1 + step % len(window)  # the client saw only the first few of the window
+            received += b"".join(packet[4:] for packet in window[:taken])
+            acked += taken
+            if acked == blocks.count:
+                break
+        assert received == netascii(text)
+    finally:
+        os.close(fd)
+
 
 CAP_MB = 64
 SLACK_MB = 40  # the interpreter's own growth: sockets, sessions, allocator pages, one transient read

@@ -40,6 +40,7 @@ from pxeserver.tftp.packets import DATA, HEADER
 
 RACY_SECONDS = 2  # coarser than any timestamp granularity a TFTP root is likely on (FAT: 2 s)
 PACKET_OVERHEAD = 4 + 33 + 8  # header, a bytes object's own size, its slot in the list
+ENTRY_OVERHEAD = 512  # an entry's key, bookkeeping and Python objects, charged on top of its data
 
 Version = tuple[int, int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns
 
@@ -93,35 +94,37 @@ class Slices:
 
 
 class _Entry:
-    __slots__ = ("value", "charge", "users", "shared", "parent")
+    __slots__ = ("value", "charge", "users", "parent")
 
-    def __init__(self, value: object, charge: int, shared: bool, parent: Hashable | None) -> None:
+    def __init__(self, value: object, charge: int, parent: Hashable | None) -> None:
         self.value = value
         self.charge = charge
         self.users = 1  # whoever added it holds it
-        self.shared = shared  # kept while idle (until evicted); a private entry goes when released
         self.parent = parent  # an entry this one holds (packets hold their snapshot)
 
 
 class FileMemory:
     """Snapshots and packet lists by key, least recently used first, bounded in total bytes.
 
-    Every entry is charged until it is gone, in use or not. One entry may take at most half
-    the capacity, so no single huge image flushes all the small boot files; larger files are
-    read block by block instead (files.py).
+    Every entry is charged until it is gone, in use or not, plus :data:`ENTRY_OVERHEAD` (so
+    a flood of tiny files at many block sizes is bounded too). One entry may take at most
+    half the capacity, so no single huge image flushes all the small boot files; larger files
+    are read block by block instead (files.py). A private entry (a file that may still be
+    changing) is charged the same but never shared, and goes as soon as its transfer ends.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.charged = 0  # the bytes of every entry held now; never above capacity
-        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()  # shared ones
+        self._private: dict[Hashable, int] = {}  # their charges
 
     def __len__(self) -> int:
-        """Entries kept for sharing (private snapshots of changing files are not counted)."""
-        return sum(entry.shared for entry in self._entries.values())
+        """Entries kept for sharing."""
+        return len(self._entries)
 
     def hold(self, key: Hashable) -> object | None:
-        """The value under ``key``, now held until :meth:`release`; None when there is none."""
+        """The shared value under ``key``, now held until :meth:`release`; None when there is none."""
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -129,31 +132,34 @@ class FileMemory:
         self._entries.move_to_end(key)
         return entry.value
 
-    def add(self, key: Hashable, value: object, charge: int, shared: bool = True,
+    def add(self, key: Hashable, value: object, size: int, shared: bool = True,
             parent: Hashable | None = None) -> bool:
-        """Keep ``value``, held by the caller, if its charge fits; False (nothing kept) if not.
+        """Keep ``value`` (``size`` bytes), held by the caller, if it fits; False (nothing kept) if not.
 
-        ``parent`` (a key the caller holds) stays held as long as this entry exists.
+        ``parent`` (a shared key the caller holds) stays held as long as this entry exists.
         """
-        if key in self._entries or not self.room_for(charge):
+        charge = size + ENTRY_OVERHEAD
+        if key in self._entries or key in self._private or not self.room_for(size):
             return False
+        self.charged += charge
+        if not shared:
+            self._private[key] = charge
+            return True
         if parent is not None:
             self._entries[parent].users += 1
-        self._entries[key] = _Entry(value, charge, shared, parent)
-        self.charged += charge
+        self._entries[key] = _Entry(value, charge, parent)
         return True
 
     def release(self, key: Hashable) -> None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return
-        entry.users -= 1
-        if entry.users <= 0 and not entry.shared:
-            self._drop(key)
+        if key in self._private:
+            self.charged -= self._private.pop(key)
+        elif (entry := self._entries.get(key)) is not None:
+            entry.users -= 1  # idle at 0: kept until evicted
 
-    def room_for(self, charge: int) -> bool:
-        """Whether an entry of ``charge`` bytes may be added now, evicting idle entries (least
+    def room_for(self, size: int) -> bool:
+        """Whether an entry of ``size`` bytes may be added now, evicting idle entries (least
         recently used first) to make room for it."""
+        charge = size + ENTRY_OVERHEAD
         if charge > self.capacity // 2:
             return False
         while self.charged + charge > self.capacity:

@@ -86,10 +86,10 @@ class Source:
         if self._shared is not None and self._memory is not None:
             key = (self._shared, blksize)
             packets = self._memory.hold(key)
-            charge = packets_charge(len(self._data), blksize)
-            if packets is None and self._memory.room_for(charge):
+            size = packets_charge(len(self._data), blksize)
+            if packets is None and self._memory.room_for(size):
                 packets = Packets(self._data, blksize)
-                self._memory.add(key, packets, charge, parent=self._shared)
+                self._memory.add(key, packets, size, parent=self._shared)
             if packets is not None:
                 assert isinstance(packets, Packets)
                 self._held.append(key)
