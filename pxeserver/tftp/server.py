@@ -84,7 +84,7 @@ class TftpService:
     # -- Service protocol -----------------------------------------------------------------
 
     def start(self) -> None:
-        _raise_open_file_limit(2 * self.config.max_sessions + 256)
+        _raise_open_file_limit(3 * self.config.max_sessions + 256)
         listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             listener.bind((self.config.address, self.config.port))
@@ -328,7 +328,8 @@ def _transfer_socket(address: str, port: int) -> socket.socket:
 
 
 def _raise_open_file_limit(wanted: int) -> None:
-    """Two sockets per session: a soft limit of 1024 descriptors would cap sessions below 2000."""
+    """Two sockets per session, and the file of one read from disk: a soft limit of 1024
+    descriptors would cap sessions near 300."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if soft != resource.RLIM_INFINITY and soft < target:
