@@ -23,7 +23,7 @@ from pathlib import Path
 from pxeserver import pxelinux
 from pxeserver.policy import PXELINUX_DIR, BootPolicy
 from pxeserver.published import NotPublished, open_published
-from pxeserver.tftp.cache import FileMemory, Packets, Slices, packets_charge, version_of
+from pxeserver.tftp.cache import FileMemory, Packets, Slices, Version, packets_charge, version_of
 from pxeserver.tftp.packets import DATA, HEADER, ErrorCode, TftpError, netascii
 
 NETASCII_LIMIT = 16 << 20  # sizing netascii means reading the whole file; nobody boots a kernel in it
@@ -61,7 +61,7 @@ class Source:
         key: Hashable | None = shared
         if data is None:
             if is_netascii:
-                source.size = _netascii_size(fd, info.st_size)
+                source.size = _netascii_size(fd, info.st_size, memory, version)
             if memory.room_for(source.size):
                 data = _read_exactly(fd, info.st_size)
                 if is_netascii:
@@ -169,12 +169,23 @@ class NetasciiStreamed:
         return payload
 
 
-def _netascii_size(fd: int, size: int) -> int:
-    """The file's size in netascii: one more byte for every CR and every LF."""
+def _netascii_size(fd: int, size: int, memory: FileMemory, version: Version | None) -> int:
+    """The file's size in netascii: one more byte for every CR and every LF.
+
+    Counting reads the whole file, so the result is remembered per file version: a flood of
+    netascii requests for a file too large to hold reads it once, not once per request.
+    """
+    key = (version, "netascii size")
+    known = memory.hold(key) if version is not None else None
+    if isinstance(known, int):
+        memory.release(key)  # remembered, not in use
+        return known
     total = 0
     for offset in range(0, size, SCAN_CHUNK):
         chunk = os.pread(fd, SCAN_CHUNK, offset)
         total += len(chunk) + chunk.count(b"\r") + chunk.count(b"\n")
+    if version is not None and memory.add(key, total, 0):
+        memory.release(key)
     return total
 
 
