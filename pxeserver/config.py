@@ -55,12 +55,15 @@ class TftpSection:
     address: str = "0.0.0.0"
     port: int = 69
     max_sessions: int = 4096
-    max_sessions_per_client: int = 64
+    max_sessions_per_client: int = 32  # per source address (dom0's pypxeboot: one per booting guest)
+    max_sessions_per_subnet: int = 1024  # per /24 of source addresses: spoofed floods stay in theirs
     timeout: int = 1  # seconds before a block is resent, unless the client asks (RFC 2349)
+    max_timeout: int = 5  # a client asking more is not acknowledged and gets `timeout`
     retries: int = 5  # resends of one block before the transfer is abandoned
+    session_deadline: int = 10  # seconds without an ACK of anything new before a transfer is dropped
     max_blksize: int = 65464  # larger requests are answered with this (RFC 2348)
     max_windowsize: int = 64  # larger requests are answered with this (RFC 7440)
-    packet_cache_mb: int = 256  # ready-made DATA packets of often-sent files (tftp/cache.py)
+    packet_cache_mb: int = 256  # all file data in memory, shared by transfers (tftp/cache.py)
 
 
 @dataclass
@@ -294,10 +297,16 @@ def validate(config: Config) -> None:
         ipaddress.ip_address(config.http.address)
     except ValueError:
         _fail("http", "address", f"must be an IP address, not {config.http.address!r}")
-    for key, low, high in (("timeout", 1, 255), ("retries", 0, 100), ("max_blksize", 8, 65464),
+    for key, low, high in (("timeout", 1, 255), ("max_timeout", 1, 255), ("retries", 0, 100),
+                           ("session_deadline", 1, 3600), ("max_blksize", 8, 65464),
                            ("max_windowsize", 1, 65535), ("max_sessions", 1, 1_000_000),
-                           ("max_sessions_per_client", 1, 1_000_000), ("packet_cache_mb", 0, 1 << 20)):
+                           ("max_sessions_per_client", 1, 1_000_000),
+                           ("max_sessions_per_subnet", 1, 1_000_000), ("packet_cache_mb", 0, 1 << 20)):
         _range(config, "tftp", key, low, high)
+    longest_wait = max(config.tftp.timeout, config.tftp.max_timeout)
+    if config.tftp.session_deadline < longest_wait:
+        _fail("tftp", "session_deadline", f"must be at least timeout and max_timeout "
+                                          f"({longest_wait}), not {config.tftp.session_deadline}")
     _range(config, "http", "threads", 1, 1024)
 
     dhcp = config.dhcp
