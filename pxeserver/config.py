@@ -74,6 +74,7 @@ class DhcpSection:
     pool_end: str = ""
     lease_time: int = 3600
     serve_unknown: bool = False
+    unknown_pool_share: float = 0.25  # the most of the pool MACs the registry does not know hold
     dns_servers: list[str] = field(default_factory=list)
 
 
@@ -84,6 +85,8 @@ class DnsSection:
     port: int = 53
     domain: str = "domu.example"
     upstream: str = ""  # "host:port" to forward names outside the zone; empty: REFUSED
+    # Networks whose clients may use the upstream; empty: the DHCP subnet and loopback.
+    forward_clients: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -173,6 +176,13 @@ def validate(config: Config) -> None:
                            ("max_sessions_per_client", 1, 1_000_000), ("packet_cache_mb", 0, 1 << 20)):
         if not low <= getattr(config.tftp, key) <= high:
             raise ConfigError(f"[tftp] {key} must be {low}..{high}, not {getattr(config.tftp, key)}")
+    if not 0.0 <= config.dhcp.unknown_pool_share <= 1.0:
+        raise ConfigError(f"[dhcp] unknown_pool_share must be 0..1, not {config.dhcp.unknown_pool_share}")
+    for network in config.dns.forward_clients:
+        try:
+            ipaddress.IPv4Network(network)
+        except ValueError as exc:
+            raise ConfigError(f"[dns] forward_clients: {exc}") from None
     try:
         ipaddress.IPv4Network(config.dhcp.subnet)
         if config.server.address:

@@ -93,6 +93,8 @@ class DhcpService:
         self._sockets: list[socket.socket] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Why the receive loop ended on its own; None while it runs or after a clean stop.
+        self.failure: BaseException | None = None
 
     def start(self) -> None:
         ports = [self.section.port] + ([PXE_PORT] if self.section.mode == "proxy" else [])
@@ -107,6 +109,7 @@ class DhcpService:
                         "arrive; use address 0.0.0.0 with interface %r",
                         self.section.address, self.section.interface)
         self._stop.clear()
+        self.failure = None
         self.status.worker.start()
         self._thread = threading.Thread(target=self._serve, name="dhcp", daemon=True)
         self._thread.start()
@@ -142,12 +145,20 @@ class DhcpService:
         return sock
 
     def _serve(self) -> None:
+        """Run the receive loop; if it ends other than by stop(), log why and keep the error
+        in ``failure`` for whoever supervises the service."""
+        try:
+            self._receive_loop()
+        except BaseException as exc:
+            if self._stop.is_set():
+                return  # sockets closed under us by stop()
+            self.failure = exc
+            log.error("dhcp: the service stopped answering: %s", exc, exc_info=exc)
+
+    def _receive_loop(self) -> None:
         """Drain every ready socket in bounded bursts; nothing a client sends ends the loop."""
         while not self._stop.is_set():
-            try:
-                ready, _, _ = select.select(self._sockets, [], [], POLL_SECONDS)
-            except (OSError, ValueError):  # sockets closed under us by stop()
-                return
+            ready, _, _ = select.select(self._sockets, [], [], POLL_SECONDS)
             for sock in ready:
                 local_port = sock.getsockname()[1]
                 for _ in range(BURST_PER_CALL):
