@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import selectors
 import socket
 import struct
 import time
@@ -236,4 +237,58 @@ def test_udp_loop_keeps_answering_while_tcp_clients_stall(small_tcp_limits: DnsS
         still_answers(port)
     finally:
         for sock in stalled:
+            sock.close()
+
+
+def wait_closed(socks: list[socket.socket], within: float) -> list[socket.socket]:
+    """The sockets the server has closed by ``within`` seconds from now."""
+    closed: list[socket.socket] = []
+    deadline = time.monotonic() + within
+    with selectors.DefaultSelector() as selector:
+        for sock in socks:
+            selector.register(sock, selectors.EVENT_READ)
+        while len(closed) < len(socks) and (left := deadline - time.monotonic()) > 0:
+            for key, _ in selector.select(timeout=left):
+                sock = key.fileobj
+                try:
+                    data = sock.recv(1)
+                except ConnectionResetError:
+                    data = b""
+                if data == b"":
+                    closed.append(sock)
+                    selector.unregister(sock)
+    return closed
+
+
+@pytest.mark.slow
+def test_slow_tcp_clients_cannot_lock_out_others(dns: DnsService) -> None:
+    """200 clients on four addresses each send one byte of a length prefix and stall: each
+    address keeps only its share of places, dig over TCP from another address is answered at
+    once, and the stalled places are freed by the query deadline."""
+    port = dns.port
+    slow: list[socket.socket] = []
+    try:
+        for number in range(200):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            slow.append(sock)
+            sock.bind((f"127.0.0.{2 + number % 4}", 0))
+            sock.settimeout(3)
+            sock.connect(("127.0.0.1", port))
+            try:
+                sock.sendall(b"\x00")
+            except OSError:  # already refused: its address has all its places
+                pass
+        stalled_at = time.monotonic()
+        turned_away = wait_closed(slow, within=0.5)
+        assert len(turned_away) == 200 - 4 * service.MAX_TCP_PER_CLIENT
+        started = time.monotonic()
+        assert dig(port, "+tcp", f"pxe.{DOMAIN}").values() == ["127.0.0.1"]
+        assert time.monotonic() - started < 1.0
+        held = [sock for sock in slow if sock not in turned_away]
+        closed = wait_closed(held, within=service.TCP_QUERY_TIMEOUT + 2.0)
+        assert len(closed) == len(held)
+        assert time.monotonic() - stalled_at < service.TCP_QUERY_TIMEOUT + 2.0
+        assert dig(port, "+tcp", f"pxe.{DOMAIN}").values() == ["127.0.0.1"]
+    finally:
+        for sock in slow:
             sock.close()
