@@ -299,3 +299,23 @@ def test_garbage_and_floods_do_not_stop_the_service(start_server, link):
         sock.sendto(request("00:16:3e:12:34:57", "discover"), ("255.255.255.255", 67))
         got = receive(sock)
     assert got is not None and got[0].yiaddr == "10.77.0.11"
+
+
+def test_a_receive_loop_that_dies_says_why_and_keeps_the_error(link, config, caplog):
+    config.server.address, config.dhcp.interface = SERVER_IP, SERVER_IF
+    context = app.build(config)
+    service = DhcpService(context)
+    with inside(link.server_ns):
+        service.start()
+    try:
+        assert service.failure is None
+        service._sockets[0].close()  # the socket goes bad under the loop (as EBADF would)
+        deadline = time.monotonic() + 5
+        while service.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert isinstance(service.failure, (OSError, ValueError))
+        assert "dhcp: the service stopped answering" in caplog.text
+    finally:
+        service.stop()
+        context.close()
+    assert service.failure is not None  # stop() does not hide what happened
