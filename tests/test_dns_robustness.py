@@ -292,3 +292,19 @@ def test_slow_tcp_clients_cannot_lock_out_others(dns: DnsService) -> None:
     finally:
         for sock in slow:
             sock.close()
+
+
+def test_a_serving_loop_that_dies_says_why_and_keeps_the_error(
+        dns: DnsService, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert dns.failure is None
+
+    def broken(_connections: object) -> None:  # a bug in the TCP loop's own bookkeeping
+        raise RuntimeError("bookkeeping bug")
+
+    monkeypatch.setattr(dns, "_expire", broken)
+    deadline = time.monotonic() + 5  # the TCP loop looks at its deadlines every second
+    while dns.failure is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert isinstance(dns.failure, RuntimeError)
+    assert "dns: the service stopped answering: bookkeeping bug" in caplog.text
+    still_answers(dns.port)  # UDP is another thread; a supervisor decides what happens next

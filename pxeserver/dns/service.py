@@ -72,6 +72,8 @@ class DnsService:
         self._forwarder: Forwarder | None = None
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Why a serving thread ended on its own; None while they run or after a clean stop.
+        self.failure: BaseException | None = None
         self._finished: queue.SimpleQueue[tuple[_Connection, bytes]] = queue.SimpleQueue()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -93,10 +95,21 @@ class DnsService:
         self._udp_wake = socket.socketpair()
         self._tcp_wake = socket.socketpair()
         for target, name in ((self._serve_udp, "dns-udp"), (self._serve_tcp, "dns-tcp")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread = threading.Thread(target=self._recording, args=(target,), name=name,
+                                      daemon=True)
             thread.start()
             self._threads.append(thread)
         log.info("dns: authoritative for %s on %s", domain, ", ".join(self.endpoints()))
+
+    def _recording(self, serve: Callable[[], None]) -> None:
+        """Run one serving loop; if it ends other than by stop(), log why and keep the error
+        in ``failure`` for whoever supervises the service."""
+        try:
+            serve()
+        except BaseException as exc:
+            if not self._stopping.is_set():
+                self.failure = exc
+                log.error("dns: the service stopped answering: %s", exc, exc_info=exc)
 
     def stop(self) -> None:
         self._stopping.set()
