@@ -12,6 +12,7 @@ import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 
 from pxeserver import app
+from pxeserver import config as config_module
 from pxeserver.config import Config
 from pxeserver.dhcp import leases
 from pxeserver.dhcp.responder import Reply, Responder
@@ -301,3 +302,16 @@ def test_requests_per_mac_are_capped():
     assert not limiter.allow(mac, now=0.0)
     assert limiter.allow(other, now=0.0)  # one flooding MAC does not starve the rest
     assert limiter.allow(mac, now=0.2)  # refilled at 10 per second
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[dhcp]\nunknown_pool_share = 1.5\n", r"\[dhcp\] unknown_pool_share must be 0..1"),
+    ("[dhcp]\nunknown_pool_share = -0.1\n", r"\[dhcp\] unknown_pool_share must be 0..1"),
+    ('[dns]\nforward_clients = ["10.0.0.0/33"]\n', r"\[dns\] forward_clients: "),
+    ('[dns]\nforward_clients = ["10.0.0.1/8"]\n', r"\[dns\] forward_clients: .*host bits"),
+])
+def test_bad_dhcp_and_dns_client_settings_are_a_config_error(tmp_path, text, message):
+    file = tmp_path / "pxeserver.toml"
+    file.write_text(text)
+    with pytest.raises(config_module.ConfigError, match=message):
+        config_module.load(file)
