@@ -143,10 +143,6 @@ class LeaseManager:
 
     # -- what the responder asks ----------------------------------------------------------
 
-    def in_pool(self, ip: str) -> bool:
-        number = _number(ip)
-        return number is not None and self._in_pool(number)
-
     def offer(self, mac: MacAddress, hint: str | None, known: bool,
               now: float | None = None) -> str | None:
         """An address for this MAC, held in memory for its REQUEST: its lease, its current
@@ -257,12 +253,6 @@ class LeaseManager:
         lease = self.store.find_lease(mac)
         now = time.time() if now is None else now
         return lease.ip if lease is not None and lease.expires > now else None
-
-    def offered_to(self, mac: MacAddress, now: float | None = None) -> str | None:
-        """The address this MAC is being offered right now, if any."""
-        offer = self._offers.get(mac)
-        now = time.time() if now is None else now
-        return _text(offer.ip) if offer is not None and offer.expires > now else None
 
     # -- the pieces -----------------------------------------------------------------------
 
