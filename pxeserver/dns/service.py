@@ -74,6 +74,7 @@ class DnsService:
         self._threads: list[threading.Thread] = []
         # Why a serving thread ended on its own; None while they run or after a clean stop.
         self.failure: BaseException | None = None
+        self._per_client: dict[str, int] = {}  # open TCP connections by client address
         self._finished: queue.SimpleQueue[tuple[_Connection, bytes]] = queue.SimpleQueue()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -188,7 +189,6 @@ class DnsService:
 
     def _serve_tcp(self) -> None:
         connections: dict[socket.socket, _Connection] = {}
-        self._per_client: dict[str, int] = {}
         with selectors.DefaultSelector() as selector:
             self._selector = selector
             selector.register(self._tcp, selectors.EVENT_READ)
