@@ -91,6 +91,7 @@ class DhcpSection:
     pool_end: str = ""
     lease_time: int = 3600
     serve_unknown: bool = False
+    unknown_pool_share: float = 0.25  # the most of the pool MACs the registry does not know hold
     dns_servers: list[str] = field(default_factory=list)
 
 
@@ -101,6 +102,8 @@ class DnsSection:
     port: int = 53
     domain: str = "domu.example"
     upstream: str = ""  # "host:port" to forward names outside the zone; empty: REFUSED
+    # Networks whose clients may use the upstream; empty: the DHCP subnet and loopback.
+    forward_clients: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -345,6 +348,8 @@ def validate(config: Config) -> None:
         if first > last:
             _fail("dhcp", "pool_end", f"must be at least pool_start {first}, not {last}")
     _range(config, "dhcp", "lease_time", 60, MAX_LEASE_TIME)
+    if not 0.0 <= dhcp.unknown_pool_share <= 1.0:
+        _fail("dhcp", "unknown_pool_share", f"must be 0..1, not {dhcp.unknown_pool_share}")
     for server_ip in dhcp.dns_servers:
         if not isinstance(server_ip, str):
             _fail("dhcp", "dns_servers", f"must be IPv4 address strings, not {server_ip!r}")
@@ -354,6 +359,12 @@ def validate(config: Config) -> None:
         validate_hostname(config.dns.domain)
     except ValidationError as exc:
         _fail("dns", "domain", f"must be a domain name: {exc}")
+    for network in config.dns.forward_clients:
+        try:
+            ipaddress.IPv4Network(network)
+        except (TypeError, ValueError) as exc:
+            _fail("dns", "forward_clients",
+                  f"must be IPv4 networks such as '10.0.0.0/8', not {network!r} ({exc})")
     if config.dns.upstream:
         from pxeserver.dns.forward import parse_upstream
 

@@ -69,8 +69,9 @@ class Supervisor:
         """Safe to call from a signal handler."""
         self._wake.set()
 
-    def wait(self) -> Failure | None:
-        """Block until a stop request or a failure; the first failure, or None for a stop."""
-        self._wake.wait()
+    def wait(self, timeout: float | None = None) -> Failure | None:
+        """Block until a stop request or a failure (or ``timeout`` seconds); the first
+        failure, or None."""
+        self._wake.wait(timeout)
         with self._lock:
             return self._failures[0] if self._failures else None

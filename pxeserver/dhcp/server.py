@@ -93,6 +93,7 @@ class DhcpService:
         self._sockets: list[socket.socket] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Why the receive loop ended on its own; None while it runs or after a clean stop.
 
     def start(self) -> None:
         ports = [self.section.port] + ([PXE_PORT] if self.section.mode == "proxy" else [])
