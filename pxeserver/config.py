@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -92,6 +93,14 @@ class ApiSection:
 
 
 @dataclass
+class MetricsSection:
+    enabled: bool = True  # GET <path> on the HTTP service; counting goes on either way
+    path: str = "/metrics"
+    # Who may scrape: the HTTP port also faces the guests, so only this machine by default.
+    allow: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+
+@dataclass
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     boot: BootSection = field(default_factory=BootSection)
@@ -100,6 +109,7 @@ class Config:
     dhcp: DhcpSection = field(default_factory=DhcpSection)
     dns: DnsSection = field(default_factory=DnsSection)
     api: ApiSection = field(default_factory=ApiSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     base_dir: Path = field(default_factory=Path.cwd)
     source: str = "built-in defaults"
 
@@ -173,12 +183,23 @@ def validate(config: Config) -> None:
                            ("max_sessions_per_client", 1, 1_000_000), ("packet_cache_mb", 0, 1 << 20)):
         if not low <= getattr(config.tftp, key) <= high:
             raise ConfigError(f"[tftp] {key} must be {low}..{high}, not {getattr(config.tftp, key)}")
+    _validate_metrics(config.metrics)
     try:
         ipaddress.IPv4Network(config.dhcp.subnet)
         if config.server.address:
             ipaddress.IPv4Address(config.server.address)
     except ValueError as exc:
         raise ConfigError(f"bad address in configuration: {exc}") from None
+
+
+def _validate_metrics(section: MetricsSection) -> None:
+    if not re.fullmatch(r"/[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", section.path):
+        raise ConfigError(f"[metrics] path must be an absolute URL path like '/metrics', not {section.path!r}")
+    for network in section.allow:
+        try:
+            ipaddress.ip_network(network)
+        except (TypeError, ValueError):
+            raise ConfigError(f"[metrics] allow: {network!r} is not a network like '10.0.0.5/32'") from None
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:
@@ -196,7 +217,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: {exc}") from None
         for key, values in data.items():
-            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api"):
+            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api", "metrics"):
                 raise ConfigError(f"{file}: unknown section [{key}]")
             _apply(getattr(config, key), values, f"{file} [{key}]")
         config.base_dir = file.resolve().parent

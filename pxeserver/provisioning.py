@@ -14,7 +14,7 @@ from typing import Any
 
 from pxeserver.bootconfig import BootConfigWriter
 from pxeserver.mac import MacAddress
-from pxeserver.policy import BootPolicy
+from pxeserver.policy import BootPolicy, status_change
 from pxeserver.registry import (
     Host,
     NotFound,
@@ -80,7 +80,8 @@ class Provisioning:
         host = replace(host, install_token=secrets.token_urlsafe(24))
         self.store.add_host(host)
         self.writer.write_host(host)
-        self.policy.record(mac, "api", f"registered as {host.hostname} with profile {host.profile}")
+        self.policy.record(mac, "api", f"registered as {host.hostname} with profile {host.profile}",
+                           step=Status.REGISTERED)
         return host
 
     def update_host(self, mac: MacAddress, data: Any) -> Host:
@@ -93,6 +94,8 @@ class Provisioning:
             host = replace(host, status=Status.REGISTERED, install_token=secrets.token_urlsafe(24))
         self.store.update_host(host)
         self.writer.write_host(host)
+        if host.install_token != current.install_token:  # a new install begins
+            self.policy.record(mac, "api", status_change(current.status, host.status), step=host.status)
         changed = sorted(k for k in data if getattr(current, k) != getattr(host, k))
         if changed:
             self.policy.record(mac, "api", "changed " + ", ".join(changed))
@@ -115,7 +118,7 @@ class Provisioning:
             raise InvalidToken("wrong or already used install token")
         host = self.store.get_host(mac)
         self.writer.write_host(host)
-        self.policy.record(mac, "callback", "install complete; next boot is local")
+        self.policy.record(mac, "callback", "install complete; next boot is local", step=Status.INSTALLED)
         return host
 
     def _check_profile(self, name: str) -> None:

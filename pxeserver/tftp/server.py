@@ -72,6 +72,8 @@ class TftpService:
         self._strangers: dict[int, Session] = {}  # by the fd of the session's unconnected socket
         self._by_peer: dict[tuple[str, int], Session] = {}
         self._per_client: Counter[str] = Counter()
+        self._metrics = context.metrics.tftp()
+        self._metrics.active(lambda: len(self._sessions))
 
     # -- Service protocol -----------------------------------------------------------------
 
@@ -148,6 +150,7 @@ class TftpService:
                     self._end(session)  # type: ignore[arg-type]
                 except Exception:  # the loop outlives any bug in handling one packet
                     log.exception("tftp: error handling a packet")
+                    self._metrics.error()
                     if session is not None:
                         self._end(session)
             if now >= next_tick:
@@ -190,16 +193,21 @@ class TftpService:
     def _on_request(self, packet: bytes, peer: tuple[str, int], local: str) -> None:
         opcode = opcode_of(packet)
         if opcode not in (RRQ, WRQ):
+            self._metrics.drop("stray" if opcode is not None and 3 <= opcode <= 6 else "malformed")
             if opcode is not None and opcode > 6:
                 self._reply_from_listener(encode_error(ErrorCode.ILLEGAL_OPERATION, "unknown opcode"), peer)
             return  # DATA/ACK/ERROR/OACK here are strays; answering errors with errors can loop
+        self._metrics.request("read" if opcode == RRQ else "write")
         if peer in self._by_peer:
+            self._metrics.drop("duplicate")
             return  # the client resent its request; the running session is answering it
         client_ip = peer[0]
         if len(self._sessions) >= self.config.max_sessions:
+            self._metrics.drop("busy")
             self._reply_from_listener(encode_error(ErrorCode.NOT_DEFINED, "server busy, try again"), peer)
             return
         if self._per_client[client_ip] >= self.config.max_sessions_per_client:
+            self._metrics.drop("client_limit")
             refusal = encode_error(ErrorCode.NOT_DEFINED, "too many transfers from your address")
             self._reply_from_listener(refusal, peer)
             return
@@ -207,6 +215,7 @@ class TftpService:
             strangers = _transfer_socket(local, 0)
         except OSError as exc:  # out of file descriptors
             log.warning("tftp: cannot open a transfer socket: %s", exc)
+            self._metrics.drop("busy")
             self._reply_from_listener(encode_error(ErrorCode.NOT_DEFINED, "server busy, try again"), peer)
             return
         try:
@@ -216,7 +225,9 @@ class TftpService:
                 reply = exc.packet
             else:
                 log.exception("tftp: failed to start a transfer for %s", client_ip)
+                self._metrics.error()
                 reply = encode_error(ErrorCode.NOT_DEFINED, "internal error")
+            self._metrics.reply("error")
             self._reply_and_close(strangers, reply, peer)
             return
         assert self._epoll is not None
@@ -226,6 +237,7 @@ class TftpService:
         self._strangers[strangers.fileno()] = session
         self._by_peer[peer] = session
         self._per_client[client_ip] += 1
+        self._metrics.reply("transfer")
         session.begin(time.monotonic())
 
     def _open_session(self, packet: bytes, peer: tuple[str, int], strangers: socket.socket) -> Session:
@@ -261,6 +273,7 @@ class TftpService:
         self._per_client[client_ip] -= 1
         if self._per_client[client_ip] <= 0:
             del self._per_client[client_ip]
+        self._metrics.ended(session)
         if session.completed and self._events is not None:
             stats = session.stats
             self._events.add(Transfer(client_ip, session.source.name, session.source.size, session.blksize,

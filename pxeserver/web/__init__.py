@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask
 
 from pxeserver.app import Context
-from pxeserver.web import api, files
+from pxeserver.web import api, files, metrics
 
 MAX_BODY_BYTES = 256 * 1024
 
@@ -17,4 +17,5 @@ def create_app(context: Context) -> Flask:
     app.extensions["pxeserver"] = context
     app.register_blueprint(api.blueprint)
     app.register_blueprint(files.blueprint)
+    metrics.install(app, context)
     return app
