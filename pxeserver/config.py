@@ -197,6 +197,8 @@ def _validate_metrics(section: MetricsSection) -> None:
         raise ConfigError(f"[metrics] path must be an absolute URL path like '/metrics', not {section.path!r}")
     for network in section.allow:
         try:
+            if not isinstance(network, str):
+                raise TypeError(network)
             ipaddress.ip_network(network)
         except (TypeError, ValueError):
             raise ConfigError(f"[metrics] allow: {network!r} is not a network like '10.0.0.5/32'") from None

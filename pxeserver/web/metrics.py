@@ -13,7 +13,7 @@ import ipaddress
 import time
 
 from flask import Flask, Response, g, request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from pxeserver.app import Context
 from pxeserver.metrics import http_path
@@ -61,6 +61,8 @@ def install(app: Flask, context: Context) -> None:
         if client is None or not any(client in network for network in allowed):
             return Response("metrics are not served to this address ([metrics] allow)\n", 403,
                             content_type=TEXT)
-        return Response(generate_latest(context.metrics.registry), content_type=CONTENT_TYPE_LATEST)
+        # Text format 0.0.4, or OpenMetrics when the scraper asks for it (Prometheus does).
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return Response(encode(context.metrics.registry), content_type=content_type)
 
     app.add_url_rule(section.path, "metrics", exposition, methods=["GET"])
