@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, started
-from dhcp_support import CLIENT_IF, SERVER_IF, SERVER_IP, Link, can_make_namespaces, inside, udhcpc, veth_link
-from http_support import MAC, PROFILE, curl, post_json
+from dhcp_support import SERVER_IF, SERVER_IP, Link, can_make_namespaces, inside, udhcpc, veth_link
+from http_support import MAC, PROFILE, curl
 from prometheus_client.parser import text_string_to_metric_families
 
 from pxeserver import config as config_module
@@ -69,6 +69,7 @@ def serving(context: Context) -> Iterator[str]:
     """HTTP, TFTP and DNS of ``context`` on loopback; yields the HTTP base URL."""
     with started(HttpService(context)), started(TftpService(context)) as tftp, \
             started(DnsService(context)) as dns:
+        assert dns.port is not None
         context.config.tftp.port, context.config.dns.port = tftp.port, dns.port
         yield context.config.http_base_url
 
@@ -422,7 +423,8 @@ def test_counters_follow_a_guest_booting_with_real_clients(workdir: Path) -> Non
         assert value(series, "pxeserver_active_sessions", protocol="tftp") == 0
 
         # A good client is served after all of it, and nothing failed inside the server.
-        assert tftp_get(link, workdir, "images/debian12/linux") == (workdir / "tftproot/images/debian12/linux").read_bytes()
+        kernel = (workdir / "tftproot/images/debian12/linux").read_bytes()
+        assert tftp_get(link, workdir, "images/debian12/linux") == kernel
         final = watch.scrape()
         assert not any(value(final, "pxeserver_errors_total", protocol=p) for p in ("tftp", "http", "dhcp", "dns"))
         for holder in [*holders, garbage]:
