@@ -5,10 +5,11 @@ how fast, never who. Label values come from fixed sets in this module and the se
 from packet contents), so a flood of odd packets cannot grow the exposition.
 
 Each event is counted once, where it happens: a service holds the :class:`ProtocolMetrics` of
-its protocol and counts a request, reply or drop on the line that decides it; the boot policy
-counts lifecycle steps where it records them. What a service or the registry already knows is
-read at scrape time instead (active sessions, hosts by status), so no copy is kept in step by
-hand.
+its protocol and counts a request, reply or drop on the line that decides it (into per-thread
+:class:`Tallies`, cheap enough for DNS's per-query path); the boot policy counts lifecycle steps
+where it records them; a TFTP transfer's own :class:`~pxeserver.tftp.session.Stats` are added
+when it ends. What a service or the registry already knows is read at scrape time instead
+(active sessions, hosts by status), so no copy is kept in step by hand.
 
 Why a registry per Context and not prometheus_client's global one: the tests run several
 servers in one process, and each Context's registry collector reads that Context's store.

@@ -24,6 +24,7 @@ import pytest
 from conftest import REPO, started
 from dhcp_support import SERVER_IF, SERVER_IP, Link, can_make_namespaces, inside, udhcpc, veth_link
 from http_support import MAC, PROFILE, curl
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from pxeserver import config as config_module
@@ -98,6 +99,11 @@ def test_the_exposition_passes_promtool_and_names_no_host(ctx: Context, tmp_path
                               "web1.domu.example"], capture_output=True, text=True, timeout=30)
         assert dig.stdout.strip() == "127.0.0.9"
         reply = curl(f"{base}/metrics")
+        # What Prometheus itself asks for: OpenMetrics, which must parse and end with # EOF.
+        openmetrics = curl(f"{base}/metrics", "-H", "Accept: application/openmetrics-text; version=1.0.0")
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert openmetrics.text.endswith("# EOF\n")
+    assert any(f.name == "pxeserver_requests" for f in openmetrics_families(openmetrics.text))
     assert reply.status == 200 and reply.headers["content-type"].startswith("text/plain; version=0.0.4")
     check = subprocess.run(["promtool", "check", "metrics"], input=reply.body, capture_output=True, timeout=30)
     assert check.returncode == 0 and not check.stdout and not check.stderr, check.stdout + check.stderr
