@@ -14,13 +14,16 @@ import re
 import time
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from pxeserver.config import Config
 from pxeserver.mac import InvalidMac, MacAddress
-from pxeserver.metrics import Metrics
 from pxeserver.registry import Host, NotFound, Profile, Status, Store
 from pxeserver.registry.store import Tally
 from pxeserver.timeline import Timeline
+
+if TYPE_CHECKING:  # not imported at run time: whoever only parses configs needs no prometheus_client
+    from pxeserver.metrics import Metrics
 
 log = logging.getLogger(__name__)
 events_log = logging.getLogger("pxeserver.events")
