@@ -22,7 +22,7 @@ from pxeserver.registry import Host, NotFound, Profile, Status, Store
 from pxeserver.registry.store import Tally
 from pxeserver.timeline import Timeline
 
-if TYPE_CHECKING:  # not imported at run time: whoever only parses configs needs no prometheus_client
+if TYPE_CHECKING:  # only for its type: pxelinux (and so pypxeboot) import the policy, not prometheus_client
     from pxeserver.metrics import Metrics
 
 log = logging.getLogger(__name__)
