@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from pxeserver.bootconfig import BootConfigWriter
 from pxeserver.config import Config
+from pxeserver.metrics import Metrics
 from pxeserver.policy import BootPolicy
 from pxeserver.provisioning import Provisioning
 from pxeserver.registry import Store, open_store
@@ -21,6 +22,7 @@ class Context:
     policy: BootPolicy
     writer: BootConfigWriter
     provisioning: Provisioning
+    metrics: Metrics
     supervisor: Supervisor = field(default_factory=Supervisor)  # the services' loops report to it
 
     def close(self) -> None:
@@ -31,6 +33,8 @@ class Context:
 def build(config: Config) -> Context:
     store = open_store(config.database)
     timeline = Timeline(store, config.server.events_per_host)
-    policy = BootPolicy(store, config, timeline)
+    metrics = Metrics()
+    policy = BootPolicy(store, config, timeline, metrics)
+    metrics.watch_registry(policy.tally)
     writer = BootConfigWriter(config.tftp_root, policy)
-    return Context(config, store, timeline, policy, writer, Provisioning(store, policy, writer))
+    return Context(config, store, timeline, policy, writer, Provisioning(store, policy, writer), metrics)

@@ -122,6 +122,14 @@ class XenSection:
 
 
 @dataclass
+class MetricsSection:
+    enabled: bool = True  # GET <path> on the HTTP service; counting goes on either way
+    path: str = "/metrics"
+    # Who may scrape: the HTTP port also faces the guests, so only this machine by default.
+    allow: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+
+@dataclass
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     boot: BootSection = field(default_factory=BootSection)
@@ -131,6 +139,7 @@ class Config:
     dns: DnsSection = field(default_factory=DnsSection)
     api: ApiSection = field(default_factory=ApiSection)
     xen: XenSection = field(default_factory=XenSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     base_dir: Path = field(default_factory=Path.cwd)
     source: str = "built-in defaults"
 
@@ -375,6 +384,19 @@ def validate(config: Config) -> None:
 
     if not _TOKEN.match(config.api.token):
         _fail("api", "token", "must be printable ASCII without spaces")
+    _validate_metrics(config.metrics)
+
+
+def _validate_metrics(section: MetricsSection) -> None:
+    if not re.fullmatch(r"/[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", section.path):
+        _fail("metrics", "path", f"must be an absolute URL path like '/metrics', not {section.path!r}")
+    for network in section.allow:
+        try:
+            if not isinstance(network, str):
+                raise TypeError(network)
+            ipaddress.ip_network(network)
+        except (TypeError, ValueError):
+            _fail("metrics", "allow", f"must be networks like '10.0.0.5/32', not {network!r}")
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:
@@ -392,7 +414,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: {exc}") from None
         for key, values in data.items():
-            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api", "xen"):
+            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api", "xen", "metrics"):
                 raise ConfigError(f"{file}: unknown section [{key}]")
             _apply(getattr(config, key), values, f"{file}: [{key}]")
         config.base_dir = file.resolve().parent

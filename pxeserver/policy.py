@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import time
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from pxeserver.config import Config
 from pxeserver.mac import InvalidMac, MacAddress
 from pxeserver.registry import Host, NotFound, Profile, Status, Store
+from pxeserver.registry.store import Tally
 from pxeserver.timeline import Timeline
+
+if TYPE_CHECKING:  # only for its type: pxelinux (and so pypxeboot) import the policy, not prometheus_client
+    from pxeserver.metrics import Metrics
 
 log = logging.getLogger(__name__)
 events_log = logging.getLogger("pxeserver.events")
@@ -59,6 +65,14 @@ class AutoinstallKind(str, Enum):
 
 # The order in which a host moves through an install; only forward moves are recorded.
 _LIFECYCLE = [Status.REGISTERED, Status.NETBOOTING, Status.INSTALLING]
+# Timeline entries that begin an install: a new host ("registered as web1 ...") and a host whose
+# netboot was turned back on ("status installed -> registered ...", from status_change()).
+_INSTALL_START = re.compile(r"registered as |status \w+ -> registered\b")
+
+
+def status_change(old: Status, new: Status) -> str:
+    """How the timeline words a lifecycle step."""
+    return f"status {old.value} -> {new.value}"
 
 
 class SecretRefused(PermissionError):
@@ -84,10 +98,11 @@ def _client_address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6A
 
 
 class BootPolicy:
-    def __init__(self, store: Store, config: Config, timeline: Timeline) -> None:
+    def __init__(self, store: Store, config: Config, timeline: Timeline, metrics: Metrics) -> None:
         self.store = store
         self.config = config
         self.timeline = timeline
+        self.metrics = metrics
 
     # -- lookups --------------------------------------------------------------------------
 
@@ -108,6 +123,10 @@ class BootPolicy:
         """Every host with an address: its registered IP, else its current DHCP lease."""
         rows = self.store.host_addresses(time.time())
         return [NameRecord(hostname, ip, expires) for hostname, ip, expires in rows]
+
+    def tally(self) -> Tally:
+        """How many hosts (by status), profiles and live leases: the metrics' registry gauges."""
+        return self.store.tally(time.time())
 
     def generation(self) -> int:
         """Increases on every registry change: the DNS SOA serial and a cheap "changed?" check."""
@@ -236,15 +255,27 @@ class BootPolicy:
 
     # -- what happened --------------------------------------------------------------------
 
-    def record(self, mac: MacAddress, source: str, message: str, *, logged: bool = False) -> None:
+    def record(self, mac: MacAddress, source: str, message: str, *, logged: bool = False,
+               step: Status | None = None) -> None:
         """Add an entry to the host's provisioning timeline (batched, never blocks a service).
 
         Each entry is also the one log line ``pxeserver serve`` shows for that boot event,
-        unless the caller has ``logged`` it already with more detail.
+        unless the caller has ``logged`` it already with more detail. ``step`` says the entry
+        is a lifecycle step (the host entered that status): it is counted for the metrics.
         """
         if not logged:
             events_log.info("%s %s: %s", source, mac, message)
+        if step is not None:
+            self.metrics.step(step, self._install_seconds(mac) if step is Status.INSTALLED else None)
         self.timeline.record(mac, source, message)
+
+    def _install_seconds(self, mac: MacAddress) -> float | None:
+        """How long the install that just ended took, from the timeline (so a host added with
+        the CLI, or before a restart, is timed too); None if its start is not on record."""
+        for event in reversed(self.timeline.events(mac)):
+            if _INSTALL_START.match(event.message):
+                return max(0.0, time.time() - event.time)
+        return None
 
     def advance(self, mac: MacAddress, status: Status) -> None:
         """Move a netbooting host forward in its install (registered → netbooting → installing).
@@ -258,7 +289,7 @@ class BootPolicy:
             return
         earlier = _LIFECYCLE[: _LIFECYCLE.index(status)]
         if host.status in earlier and self.store.advance_status(mac, status, earlier):
-            self.record(mac, "policy", f"status {host.status.value} -> {status.value}")
+            self.record(mac, "policy", status_change(host.status, status), step=status)
 
 
 def hex_ip(ip: str) -> str:

@@ -16,8 +16,8 @@ from typing import Any
 
 from pxeserver.bootconfig import BootConfigWriter
 from pxeserver.mac import MacAddress
-from pxeserver.policy import BootPolicy, SecretRefused
-from pxeserver.registry import Conflict, Host, NotFound, Profile, Store, ValidationError, XenSettings
+from pxeserver.policy import BootPolicy, SecretRefused, status_change
+from pxeserver.registry import Conflict, Host, NotFound, Profile, Status, Store, ValidationError, XenSettings
 from pxeserver.registry.models import HostChanges, XenDisk, parse_mac
 
 
@@ -77,7 +77,8 @@ class Provisioning:
         host = replace(host, install_token=secrets.token_urlsafe(24))
         self.store.add_host(host)
         self.writer.sync_host(mac)
-        self.policy.record(mac, "api", f"registered as {host.hostname} with profile {host.profile}")
+        self.policy.record(mac, "api", f"registered as {host.hostname} with profile {host.profile}",
+                           step=Status.REGISTERED)
         return host
 
     def update_host(self, mac: MacAddress, data: Any) -> Host:
@@ -96,8 +97,8 @@ class Provisioning:
         changed = [name for name in changes.names if getattr(before, name) != getattr(after, name)]
         if changed:
             self.policy.record(mac, "api", "changed " + ", ".join(changed))
-        if after.install_token != before.install_token:
-            self.policy.record(mac, "api", "netboot on: a new install")
+        if after.install_token != before.install_token:  # netboot on: a new install begins
+            self.policy.record(mac, "api", status_change(before.status, after.status), step=after.status)
         return after
 
     def set_netboot(self, mac: MacAddress, enabled: bool) -> Host:
@@ -127,7 +128,8 @@ class Provisioning:
             self.policy.record(mac, "callback", "refused install-complete call: wrong token")
             raise InvalidToken("wrong or already used install token")
         self.writer.sync_host(mac)
-        self.policy.record(mac, "callback", "install complete; next boot is local")
+        self.policy.record(mac, "callback", "install complete; next boot is local",
+                           step=Status.INSTALLED)
         return installed
 
     def check_xen(self, xen: XenSettings) -> None:

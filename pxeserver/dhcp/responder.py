@@ -20,6 +20,7 @@ from pxeserver.dhcp import codec
 from pxeserver.dhcp.codec import MessageType, Option, Packet
 from pxeserver.dhcp.leases import LeaseManager
 from pxeserver.mac import MacAddress
+from pxeserver.metrics import dhcp_type
 from pxeserver.registry import Host, Status
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Responder:
         config = context.config
         self.config = config
         self.policy = context.policy
+        self.metrics = context.metrics.protocol("dhcp")
         self.dhcp = config.dhcp
         self.subnet = ipaddress.IPv4Network(config.dhcp.subnet)
         self.server_ip = config.advertised_address
@@ -83,15 +85,20 @@ class Responder:
             packet = codec.parse(data)
         except codec.MalformedPacket as exc:
             log.debug("dropped a malformed DHCP packet from %s: %s", source[0], exc)
+            self.metrics.drop("malformed")
             return None
         mac = packet.mac
         if packet.op != codec.BOOTREQUEST or mac is None or packet.message_type is None:
+            self.metrics.drop("malformed")
             return None
+        self.metrics.request(dhcp_type(packet.message_type))
         if packet.giaddr != codec.ZERO_IP and not self._in_subnet(packet.giaddr):
+            self.metrics.drop("foreign_relay")
             return None  # a relay for a network this server was not configured for
         host = self.policy.host(mac)
         if host is None and not self.dhcp.serve_unknown:
             log.debug("ignored DHCP from unregistered MAC %s", mac)
+            self.metrics.drop("unknown_client")
             return None
         if self.proxy:
             return self._proxy(packet, mac, host, source, local_port == PXE_PORT)
@@ -106,6 +113,7 @@ class Responder:
             ip = self._address(mac, host, packet.ip_option(Option.REQUESTED_IP))
             if ip is None:
                 self._record(host, mac, "DISCOVER: no address to offer")
+                self.metrics.drop("no_address")
                 return None
             return self._grant(packet, mac, host, MessageType.OFFER, ip)
         if kind == MessageType.REQUEST:

@@ -18,6 +18,7 @@ import time
 from pxeserver.app import Context
 from pxeserver.dhcp.responder import PXE_PORT, Responder
 from pxeserver.mac import MacAddress
+from pxeserver.metrics import dhcp_reply_type
 from pxeserver.offpath import OffPathWorker
 from pxeserver.policy import BootPolicy
 from pxeserver.registry import Status
@@ -90,6 +91,7 @@ class DhcpService:
         self.status = StatusWriter(context.policy)
         self.responder = Responder(context, self.status.mark_netbooting)
         self.limiter = RateLimiter()
+        self.metrics = context.metrics.protocol("dhcp")
         self._sockets: list[socket.socket] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -168,11 +170,13 @@ class DhcpService:
                 local_port: int) -> None:
         # chaddr sits at bytes 28..34; the limiter runs before any registry read.
         if len(data) >= 34 and not self.limiter.allow(MacAddress(data[28:34])):
+            self.metrics.drop("rate_limited")
             return
         try:
             reply = self.responder.respond(data, source, local_port)
         except Exception:  # a bug must cost one reply, never the service
             log.exception("dhcp: failed to answer a packet from %s", source[0])
+            self.metrics.error()
             return
         if reply is None:
             return
@@ -180,6 +184,9 @@ class DhcpService:
             sock.sendto(reply.payload, reply.address)
         except OSError as exc:
             log.warning("dhcp: cannot send reply to %s:%d: %s", *reply.address, exc)
+            self.metrics.error()
+            return
+        self.metrics.reply(dhcp_reply_type(reply.payload), len(reply.payload))
 
     def _close(self) -> None:
         for sock in self._sockets:

@@ -36,6 +36,7 @@ from pxeserver.app import Context
 from pxeserver.dns.forward import Forwarder
 from pxeserver.dns.resolver import Forward, Resolver
 from pxeserver.dns.zone import ZoneSettings
+from pxeserver.metrics import dns_rcode
 from pxeserver.registry.models import validate_hostname
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class DnsService:
         self._threads: list[threading.Thread] = []
         self._per_client: dict[str, int] = {}  # open TCP connections by client address
         self._finished: queue.SimpleQueue[tuple[_Connection, bytes]] = queue.SimpleQueue()
+        self._metrics = context.metrics.protocol("dns")
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -158,25 +160,36 @@ class DnsService:
                         reply = respond(query, False, client[0])
                     except Exception:  # a bug for one query must not stop the next client
                         log.exception("dns: no answer for a query from %s:%d", *client)
+                        self._metrics.error()
                         continue
                     if reply is None:
+                        self._metrics.drop("malformed")
                         continue
+                    self._metrics.request("udp")
                     if isinstance(reply, Forward):
                         self._forward(reply, lambda answer, to=client: send(answer, to))
                         continue
                     try:
                         send(reply, client)
                     except OSError:  # send buffer full or client gone: the client retries
-                        pass
+                        self._metrics.error()
+                    else:
+                        self._metrics.reply(dns_rcode(reply), len(reply))
 
     def _forward(self, forward: Forward, deliver: Callable[[bytes], None]) -> None:
         assert self._forwarder is not None  # the resolver only forwards when one is configured
-        self._forwarder.submit(forward, deliver)
+
+        def counted(answer: bytes) -> None:
+            deliver(answer)
+            self._metrics.reply(dns_rcode(answer), len(answer))
+
+        self._forwarder.submit(forward, counted)
 
     # -- TCP ------------------------------------------------------------------------------
 
     def _serve_tcp(self) -> None:
         connections: dict[socket.socket, _Connection] = {}
+        self._metrics.active(lambda: len(connections))
         with selectors.DefaultSelector() as selector:
             self._selector = selector
             selector.register(self._tcp, selectors.EVENT_READ)
@@ -206,6 +219,7 @@ class DnsService:
                 return
             held = self._per_client.get(address, 0)
             if len(connections) >= MAX_TCP_CONNECTIONS or held >= MAX_TCP_PER_CLIENT:
+                self._metrics.drop("connection_limit")
                 sock.close()  # full: the client falls back to UDP or retries later
                 continue
             sock.setblocking(False)
@@ -244,9 +258,12 @@ class DnsService:
                 reply = self._resolver.respond(query, True, connection.address)
             except Exception:  # a bug for one query must not stop the next client
                 log.exception("dns: no answer for a TCP query")
+                self._metrics.error()
                 continue
             if reply is None:  # not a query at all (empty, or a response): hang up
+                self._metrics.drop("malformed")
                 raise ConnectionAbortedError("not a DNS query")
+            self._metrics.request("tcp")
             # Only an answered query extends the connection's life, so neither a trickle of
             # bytes nor a stream of empty messages holds a place forever.
             connection.deadline = time.monotonic() + TCP_IDLE_TIMEOUT
@@ -255,6 +272,7 @@ class DnsService:
                 self._forward(reply, lambda answer: self._forwarded(connection, answer))
             else:
                 connection.unsent += len(reply).to_bytes(2, "big") + reply
+                self._metrics.reply(dns_rcode(reply), len(reply))
 
     def _forwarded(self, connection: _Connection, answer: bytes) -> None:
         """Called on a forwarding thread: hand the answer to the TCP thread."""

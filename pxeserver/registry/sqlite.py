@@ -28,7 +28,7 @@ from pxeserver.registry.models import (
     ValidationError,
     XenSettings,
 )
-from pxeserver.registry.store import Lease
+from pxeserver.registry.store import Lease, Tally
 
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
 MIGRATIONS: list[str] = [
@@ -391,3 +391,12 @@ class SqliteStore:
             (now,),
         ).fetchall()
         return [(row[0], row[1], row[2]) for row in rows]
+
+    def tally(self, now: float) -> Tally:
+        conn = self._connection()
+        hosts = conn.execute("SELECT status, COUNT(*) FROM hosts GROUP BY status").fetchall()
+        profiles, leases = conn.execute(
+            "SELECT (SELECT COUNT(*) FROM profiles), (SELECT COUNT(*) FROM leases WHERE expires > ?)",
+            (now,),
+        ).fetchone()
+        return Tally({Status(row[0]): row[1] for row in hosts}, profiles, leases)

@@ -24,6 +24,15 @@ class Lease:
     expires: float
 
 
+@dataclass(frozen=True)
+class Tally:
+    """How much the registry holds, for the metrics a scrape reads."""
+
+    hosts: dict[Status, int]  # by install status
+    profiles: int
+    leases: int  # unexpired dynamic leases
+
+
 class Store(Protocol):
     # Profiles. add_profile raises Conflict on a duplicate name; get/put/delete raise NotFound;
     # delete_profile raises Conflict while a host still uses the profile.
@@ -80,5 +89,8 @@ class Store(Protocol):
     # Increases on every change of a profile, host or lease: the DNS SOA serial, and a cheap
     # "has anything changed" check for caches.
     def generation(self) -> int: ...
+
+    # Counts only (two light queries), read at every metrics scrape.
+    def tally(self, now: float) -> Tally: ...
 
     def close(self) -> None: ...

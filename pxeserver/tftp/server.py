@@ -80,6 +80,8 @@ class TftpService:
         self._by_peer: dict[tuple[str, int], Session] = {}
         self._per_client: Counter[str] = Counter()
         self._per_subnet: Counter[str] = Counter()  # by the first three octets: the client's /24
+        self._metrics = context.metrics.tftp()
+        self._metrics.active(lambda: len(self._sessions))
 
     # -- Service protocol -----------------------------------------------------------------
 
@@ -157,6 +159,7 @@ class TftpService:
                     self._end(session)  # type: ignore[arg-type]
                 except Exception:  # the loop outlives any bug in handling one packet
                     log.exception("tftp: error handling a packet")
+                    self._metrics.error()
                     if session is not None:
                         self._end(session)
             if now >= next_tick:
@@ -199,21 +202,27 @@ class TftpService:
     def _on_request(self, packet: bytes, peer: tuple[str, int], local: str) -> None:
         opcode = opcode_of(packet)
         if opcode not in (RRQ, WRQ):
+            self._metrics.drop("stray" if opcode is not None and 3 <= opcode <= 6 else "malformed")
             if opcode is not None and opcode > 6:
                 self._reply_from_listener(encode_error(ErrorCode.ILLEGAL_OPERATION, "unknown opcode"), peer)
             return  # DATA/ACK/ERROR/OACK here are strays; answering errors with errors can loop
+        self._metrics.request("read" if opcode == RRQ else "write")
         if peer in self._by_peer:
+            self._metrics.drop("duplicate")
             return  # the client resent its request; the running session is answering it
         client_ip = peer[0]
         if len(self._sessions) >= self.config.max_sessions:
+            self._metrics.drop("busy")
             self._reply_from_listener(encode_error(ErrorCode.NOT_DEFINED, "server busy, try again"), peer)
             return
         if self._per_client[client_ip] >= self.config.max_sessions_per_client:
+            self._metrics.drop("client_limit")
             refusal = encode_error(ErrorCode.NOT_DEFINED, "too many transfers from your address")
             self._reply_from_listener(refusal, peer)
             return
         subnet = _subnet(client_ip)
         if self._per_subnet[subnet] >= self.config.max_sessions_per_subnet:
+            self._metrics.drop("subnet_limit")
             refusal = encode_error(ErrorCode.NOT_DEFINED, "too many transfers from your network")
             self._reply_from_listener(refusal, peer)
             return
@@ -221,6 +230,7 @@ class TftpService:
             strangers = _transfer_socket(local, 0)
         except OSError as exc:  # out of file descriptors
             log.warning("tftp: cannot open a transfer socket: %s", exc)
+            self._metrics.drop("busy")
             self._reply_from_listener(encode_error(ErrorCode.NOT_DEFINED, "server busy, try again"), peer)
             return
         try:
@@ -230,7 +240,9 @@ class TftpService:
                 reply = exc.packet
             else:
                 log.exception("tftp: failed to start a transfer for %s", client_ip)
+                self._metrics.error()
                 reply = encode_error(ErrorCode.NOT_DEFINED, "internal error")
+            self._metrics.reply("error")
             self._reply_and_close(strangers, reply, peer)
             return
         assert self._epoll is not None
@@ -241,6 +253,7 @@ class TftpService:
         self._by_peer[peer] = session
         self._per_client[client_ip] += 1
         self._per_subnet[subnet] += 1
+        self._metrics.reply("transfer")
         session.begin(time.monotonic())
 
     def _open_session(self, packet: bytes, peer: tuple[str, int], strangers: socket.socket) -> Session:
@@ -278,6 +291,7 @@ class TftpService:
             counter[key] -= 1
             if counter[key] <= 0:
                 del counter[key]
+        self._metrics.ended(session)
         if session.completed and self._events is not None:
             stats = session.stats
             self._events.add(Transfer(client_ip, session.source.name, session.source.size, session.blksize,

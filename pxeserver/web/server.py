@@ -144,6 +144,7 @@ class HttpService:
             raise OSError(
                 exc.errno, f"http: cannot listen on {section.address}:{section.port}: {exc.strerror}"
             ) from None
+        self.context.metrics.protocol("http").active(lambda: len(self._server.active_channels) if self._server else 0)
         self.port = int(self._server.effective_port)  # waitress reports it as a string
         # Port 0 means "any free port": boot configs and callback URLs must carry the real one.
         section.port = self.port

@@ -1,6 +1,6 @@
 """HTTP benchmark: 100 concurrent downloads of a 40 MB initrd from pxeserver and from nginx.
 
-Run: ``.venv/bin/python bench/http.py [--clients 100] [--size-mb 40] [--rounds 3]``.
+Run: ``.venv/bin/python bench/web.py [--clients 100] [--size-mb 40] [--rounds 3]``.
 
 Both servers run as their own processes on loopback and serve the same file from the same
 TFTP root: ``pxeserver serve`` (HTTP only) and Debian's nginx-light in the foreground with a
