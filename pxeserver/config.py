@@ -59,6 +59,14 @@ class HttpSection:
     address: str = "0.0.0.0"
     port: int = 80
     threads: int = 32
+    # Slow and idle clients (web/server.py): seconds a client has to send a request's headers
+    # (counted from connect, or from its first byte after a keep-alive wait), its body (from
+    # the end of the headers), and to start its next request on a kept-alive connection.
+    header_timeout: int = 10
+    body_timeout: int = 30
+    idle_timeout: int = 15
+    max_connections: int = 1000  # open connections from all clients together
+    max_connections_per_address: int = 32  # open connections from one client address
 
 
 @dataclass
@@ -173,6 +181,11 @@ def validate(config: Config) -> None:
                            ("max_sessions_per_client", 1, 1_000_000), ("packet_cache_mb", 0, 1 << 20)):
         if not low <= getattr(config.tftp, key) <= high:
             raise ConfigError(f"[tftp] {key} must be {low}..{high}, not {getattr(config.tftp, key)}")
+    for key, low, high in (("header_timeout", 1, 3600), ("body_timeout", 1, 3600),
+                           ("idle_timeout", 1, 3600), ("max_connections", 1, 1_000_000),
+                           ("max_connections_per_address", 1, config.http.max_connections)):
+        if not low <= getattr(config.http, key) <= high:
+            raise ConfigError(f"[http] {key} must be {low}..{high}, not {getattr(config.http, key)}")
     try:
         ipaddress.IPv4Network(config.dhcp.subnet)
         if config.server.address:
