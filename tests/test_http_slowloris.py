@@ -147,7 +147,6 @@ def test_two_thousand_slow_connections_from_one_address_do_not_starve_anyone(
     # ...and never held more than the cap from this address.
     assert most_held(connections, duration) == cap
     assert max(server_counts) == cap
-    assert sum(result["open_at_end"].values()) <= cap
     # What it held, it closed at the header deadline (counted from connect), trickling or not.
     held = [c for c in connections if c["ended"] in ("closed", "reset")]
     trickled = [c for c in held if not c["idle"]]
