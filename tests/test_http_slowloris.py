@@ -23,7 +23,7 @@ from http_support import MAC, PROFILE, curl, running
 
 from pxeserver.app import Context
 from pxeserver.config import ConfigError, load
-from pxeserver.web.server import CHECK_INTERVAL
+from pxeserver.web.server import CHECK_INTERVAL, client_key
 
 FLOOD = Path(__file__).with_name("http_flood.py")
 DASHED = MAC.replace(":", "-")
@@ -64,7 +64,7 @@ def timed(url: str) -> tuple[float, int, bytes]:
     with tempfile.NamedTemporaryFile() as body:
         done = subprocess.run(["curl", "-sS", "--max-time", "10", "-o", body.name,
                                "-w", "%{http_code} %{time_total}", url],
-                              capture_output=True, text=True, timeout=30)
+                              check=False, capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
         status, seconds = done.stdout.split()
         return float(seconds), int(status), Path(body.name).read_bytes()
@@ -305,6 +305,14 @@ def test_huge_headers_get_431_and_pipelined_requests_are_answered_in_order(quick
         sock.sendall(b"".join(f"GET {name} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for name in names))
         replies = read_until(sock, b"\r\n\r\ninitrd")
     assert replies.count(b"HTTP/1.1 404 ") == 50 and replies.count(b"HTTP/1.1 200 ") == 1
+
+
+@pytest.mark.parametrize(("address", "counted_as"), [
+    ("10.0.0.7", "10.0.0.7"), ("::ffff:10.0.0.7", "10.0.0.7"),
+    ("2001:db8::1", "2001:db8::/64"), ("2001:db8::ffff:1", "2001:db8::/64"),
+])
+def test_the_per_address_cap_counts_an_ipv6_host_by_its_64(address: str, counted_as: str) -> None:
+    assert client_key(address) == counted_as
 
 
 def test_the_caps_and_deadlines_are_checked_in_the_config(tmp_path: Path) -> None:

@@ -161,8 +161,8 @@ def _send_published(published: Published) -> Response:
             max_age=0,
         )
         response.content_length = info.st_size
-        return response.make_conditional(request.environ, accept_ranges=True,
-                                         complete_length=info.st_size)
+        response.make_conditional(request.environ, accept_ranges=True, complete_length=info.st_size)
+        return response
     except BaseException:  # a 416 from make_conditional included: the response never runs
         file.close()
         raise

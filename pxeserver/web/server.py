@@ -98,6 +98,8 @@ def _sendfile_source(buffer: object) -> int | None:
 class SendfileChannel(HTTPChannel):
     """A waitress channel that sends ``wsgi.file_wrapper`` bodies with ``os.sendfile``."""
 
+    sendbuf_len: int
+
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.sendbuf_len = max(self.sendbuf_len, MAX_SEND)
