@@ -282,6 +282,27 @@ def test_an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not(quick: in
     assert 1 - 0.1 <= time.monotonic() - answered <= 1 + SLACK
 
 
+def test_a_slow_download_outlasts_every_deadline(ctx: Context, quick: int) -> None:
+    """Deadlines are for what the server waits on from the client: a download read slowly
+    (a small receive window, 64 KB every 50 ms), for three times the one-second deadlines,
+    arrives whole."""
+    data = bytes(range(256)) * 16 * 1024  # 4 MB: more than the socket buffers hold
+    (ctx.config.tftp_root / "big.img").write_bytes(data)
+    started = time.monotonic()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", quick))
+        sock.sendall(b"GET /boot/big.img HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+            if len(received) // 65536 > (len(received) - len(chunk)) // 65536:
+                time.sleep(0.05)
+    assert received.startswith(b"HTTP/1.1 200 ") and received.endswith(b"\r\n\r\n" + data)
+    assert time.monotonic() - started >= 3 * 1
+
+
 def test_connections_over_the_per_address_cap_get_503_and_other_addresses_do_not(quick: int) -> None:
     held = [connect(quick) for _ in range(4)]
     try:
