@@ -76,6 +76,14 @@ class HttpSection:
     # the host's registered IP or current DHCP lease: CIDR networks, e.g. a NAT gateway's
     # address. Anyone inside them can read every host's install secrets ("0.0.0.0/0": anyone).
     autoinstall_trusted_networks: list[str] = field(default_factory=list)
+    # Slow and idle clients (web/server.py): seconds a client has to send a request's headers
+    # (counted from connect, or from its first byte after a keep-alive wait), its body (from
+    # the end of the headers), and to start its next request on a kept-alive connection.
+    header_timeout: int = 10
+    body_timeout: int = 30
+    idle_timeout: int = 15
+    max_connections: int = 1000  # open connections from all clients together
+    max_connections_per_address: int = 32  # open connections from one client address
 
 
 @dataclass
@@ -320,6 +328,10 @@ def validate(config: Config) -> None:
         _fail("tftp", "session_deadline", f"must be at least timeout and max_timeout "
                                           f"({longest_wait}), not {config.tftp.session_deadline}")
     _range(config, "http", "threads", 1, 1024)
+    for key, low, high in (("header_timeout", 1, 3600), ("body_timeout", 1, 3600),
+                           ("idle_timeout", 1, 3600), ("max_connections", 1, 1_000_000),
+                           ("max_connections_per_address", 1, config.http.max_connections)):
+        _range(config, "http", key, low, high)
 
     dhcp = config.dhcp
     if dhcp.mode not in ("full", "proxy"):
