@@ -12,7 +12,7 @@ import pytest
 
 from pxeserver import pxelinux
 from pxeserver.mac import MacAddress
-from pxeserver.policy import LocalBoot, NetBoot
+from pxeserver.bootspec import LocalBoot, NetBoot
 from pxeserver.pypxeboot import BootFailed, config_names, parse_words
 from pxeserver.tftp import TftpService
 
@@ -136,3 +136,13 @@ def test_a_silent_tftp_server_fails_fast_instead_of_waiting_per_name() -> None:
     assert result.returncode == 1
     assert "no answer from the TFTP server" in result.stderr.decode()
     assert time.monotonic() - started < 40, "it tried every config name in turn"
+
+
+def test_importing_pypxeboot_loads_only_its_low_level_modules() -> None:
+    """dom0 runs pypxeboot without the server's stack: no Flask, no registry, no policy."""
+    probe = ("import pxeserver.pypxeboot, sys; print(' '.join(sorted(m for m in sys.modules if m.startswith("
+             "('pxeserver', 'flask', 'werkzeug', 'waitress', 'jinja2', 'sqlite3', 'click', 'dnslib')))))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.split() == [
+        "pxeserver", "pxeserver.bootspec", "pxeserver.dhcp", "pxeserver.dhcp.codec", "pxeserver.mac",
+        "pxeserver.pxelinux", "pxeserver.pypxeboot", "pxeserver.pypxeboot.dhcp", "pxeserver.pypxeboot.tftp"]
