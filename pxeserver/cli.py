@@ -255,7 +255,10 @@ def domu_config(ctx: click.Context, mac: str, output: str | None, **overrides: A
     with _context(ctx) as context:
         found = context.store.get_host(MacAddress.parse(mac))
         xen = XenSettings.from_input({k: v for k, v in overrides.items() if v is not None}, found.xen)
-        text = domu.render(found, bridge=xen.bridge, disk=xen.disk, memory=xen.memory, vcpus=xen.vcpus)
+        config = context.config
+        pinned = config.advertised_address if config.dhcp.enabled and config.dhcp.mode == "full" else ""
+        text = domu.render(found, bridge=xen.bridge, disk=xen.disk, memory=xen.memory, vcpus=xen.vcpus,
+                           bootloader=config.xen.bootloader, dhcp_server=pinned)
         if output:
             Path(output).write_text(text)
             click.echo(f"wrote {output}")

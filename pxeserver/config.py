@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -92,6 +93,13 @@ class ApiSection:
 
 
 @dataclass
+class XenSection:
+    # xl runs a bare bootloader name only from its own directory (/usr/lib/xen-4.17/bin on
+    # Debian): domu-config writes this absolute path, where `build-pypxeboot -o` puts it.
+    bootloader: str = "/usr/local/bin/pypxeboot"
+
+
+@dataclass
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     boot: BootSection = field(default_factory=BootSection)
@@ -100,6 +108,7 @@ class Config:
     dhcp: DhcpSection = field(default_factory=DhcpSection)
     dns: DnsSection = field(default_factory=DnsSection)
     api: ApiSection = field(default_factory=ApiSection)
+    xen: XenSection = field(default_factory=XenSection)
     base_dir: Path = field(default_factory=Path.cwd)
     source: str = "built-in defaults"
 
@@ -173,6 +182,8 @@ def validate(config: Config) -> None:
                            ("max_sessions_per_client", 1, 1_000_000), ("packet_cache_mb", 0, 1 << 20)):
         if not low <= getattr(config.tftp, key) <= high:
             raise ConfigError(f"[tftp] {key} must be {low}..{high}, not {getattr(config.tftp, key)}")
+    if not re.fullmatch(r"/[A-Za-z0-9._+/-]+", config.xen.bootloader):
+        raise ConfigError(f"[xen] bootloader must be an absolute path of plain characters, not {config.xen.bootloader!r}")
     try:
         ipaddress.IPv4Network(config.dhcp.subnet)
         if config.server.address:
@@ -196,7 +207,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: {exc}") from None
         for key, values in data.items():
-            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api"):
+            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api", "xen"):
                 raise ConfigError(f"{file}: unknown section [{key}]")
             _apply(getattr(config, key), values, f"{file} [{key}]")
         config.base_dir = file.resolve().parent
