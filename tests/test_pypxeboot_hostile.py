@@ -48,6 +48,7 @@ class Served:
     block_delay: float = 0.0  # seconds before each block
     tsize: int | None = None  # announced in the OACK (None: the real size, -1: not announced)
     inject: bool = False  # before each real block, forged DATA from another port and address
+    error: bytes = b""  # answer with this error message instead
 
 
 @dataclass
@@ -106,8 +107,9 @@ class HostileTftp:
         with sock, other_port, other_address:
             sock.bind((self.address, 0))
             sock.settimeout(1.0)
-            if served is None:
-                sock.sendto(struct.pack("!HH", ERROR, 1) + b"File not found\0", client)
+            if served is None or served.error:
+                message = served.error if served else b"File not found"
+                sock.sendto(struct.pack("!HH", ERROR, 0 if served else 1) + message + b"\0", client)
                 return
             if served.inject:
                 other_port.bind((self.address, 0))
@@ -282,6 +284,14 @@ def test_xl_s_own_args_with_a_newline_are_refused_too(tmp_path: Path) -> None:
     with HostileTftp(config_for("images/linux", "quiet")) as server:
         outcome = run_as_libxl(tmp_path, "server=127.0.0.1", f"tftp_port={server.port}", "--args=a\nkernel /etc/shadow")
     assert_refused(outcome, "the kernel command line holds a control character ('\\n')")
+
+
+def test_a_server_s_error_text_cannot_add_lines_to_xl_s_log(tmp_path: Path) -> None:
+    files = config_for("images/linux", "quiet")
+    files["images/linux"] = Served(error=b"gone\nlibxl: everything is fine\x1b[2J")
+    with HostileTftp(files) as server:
+        outcome = run_as_libxl(tmp_path, "server=127.0.0.1", f"tftp_port={server.port}")
+    assert_refused(outcome, "the server answered: gone\\x0alibxl: everything is fine\\x1b[2J")
 
 
 # -- (c) DATA injected from another port and another address --------------------------------

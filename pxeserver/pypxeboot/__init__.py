@@ -33,6 +33,7 @@ import argparse
 import glob
 import io
 import ipaddress
+import logging
 import os
 import re
 import shutil
@@ -343,6 +344,9 @@ def main(argv: list[str] | None = None) -> None:
                         "[max_file_mb=N] [max_total_mb=N] [min_rate_kbs=N] [rate_window=S] [deadline=S] DISK")
     options = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminated)
+    # tftpy's packet decoders log what peers send (an ERR's text, at error level): the
+    # network would write its own lines into xl's log. The one error line says what matters.
+    logging.getLogger("tftpy").setLevel(logging.CRITICAL)
     outputs = Outputs(options.output_directory or tempfile.gettempdir())
     try:
         request = parse_words(options.words)
