@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from dhcp_support import SERVER_IF, SERVER_IP, Link, can_make_namespaces, inside, run
+from dhcp_support import CLIENT_IF, SERVER_IF, SERVER_IP, Link, can_make_namespaces, inside, run, veth_link
 from test_chain import MAC, register, serving, workdir  # noqa: F401 (workdir: a fixture)
 
 from pxeserver.dhcp import codec
@@ -541,6 +541,17 @@ def signal_all(pids: list[int], signum: int) -> None:
 
 
 needs_namespaces = pytest.mark.skipif(not can_make_namespaces(), reason="needs root for network namespaces")
+
+
+@pytest.mark.netns
+@needs_namespaces
+def test_the_deadline_covers_dhcp_too(tmp_path: Path) -> None:
+    """No DHCP server answers on the link: pypxeboot gives up at its deadline, not after its
+    usual four attempts."""
+    with veth_link("pdl") as link:
+        outcome = run_as_libxl(tmp_path, f"interface={CLIENT_IF}", "deadline=2", netns=link.client_ns)
+    assert_refused(outcome, "the boot's deadline passed during DHCP (deadline=)")
+    assert outcome.seconds < 5
 
 
 @pytest.mark.slow

@@ -277,7 +277,7 @@ def boot(request: Request, options: argparse.Namespace, outputs: Outputs, bounds
     if request.server:
         lease = Lease(ip="", next_server=request.server, boot_file="")
     else:
-        lease = obtain_lease(request.mac, request.interface, request.dhcp_server)
+        lease = obtain_lease(request.mac, request.interface, request.dhcp_server, bounds.deadline)
     prefix = lease.boot_file.rpartition("/")[0] + "/" if "/" in lease.boot_file else ""
     fetcher = Fetcher(lease.next_server, request.tftp_port, prefix, bounds, request)
     for name in config_names(request.mac, lease.ip or None):

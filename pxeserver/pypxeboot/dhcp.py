@@ -82,18 +82,21 @@ def _await(sock: socket.socket, mac: MacAddress, xid: int, wanted: set[int], tim
 
 
 def _exchange(sock: socket.socket, mac: MacAddress, xid: int, packet: bytes, wanted: set[int],
-              trusted: Callable[[Origin], bool]) -> tuple[codec.Packet, Origin] | None:
+              trusted: Callable[[Origin], bool], deadline: float) -> tuple[codec.Packet, Origin] | None:
     for timeout in ATTEMPT_TIMEOUTS:
+        if time.monotonic() >= deadline:
+            raise DhcpFailed("the boot's deadline passed during DHCP (deadline=)")
         sock.sendto(packet, ("255.255.255.255", 67))
-        answer = _await(sock, mac, xid, wanted, timeout, trusted)
+        answer = _await(sock, mac, xid, wanted, min(timeout, deadline - time.monotonic()), trusted)
         if answer is not None:
             return answer
     return None
 
 
-def obtain_lease(mac: MacAddress, interface: str = "", pinned: str = "") -> Lease:
-    """Run one DHCP exchange for ``mac`` with the server ``pinned`` (an IP), else with the
-    first server that offers; raises DhcpFailed when that server does not complete it."""
+def obtain_lease(mac: MacAddress, interface: str, pinned: str, deadline: float) -> Lease:
+    """Run one DHCP exchange for ``mac`` with the server ``pinned`` (an IP; "": none), else with the
+    first server that offers, by ``deadline`` (a time.monotonic() value); raises DhcpFailed
+    when that server does not complete it."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
@@ -106,7 +109,7 @@ def obtain_lease(mac: MacAddress, interface: str = "", pinned: str = "") -> Leas
         xid = secrets.randbits(32)
         discover = _request_packet(mac, xid, MessageType.DISCOVER)
         answer = _exchange(sock, mac, xid, discover, {MessageType.OFFER},
-                           lambda origin: not pinned or origin == Origin(pinned, pinned))
+                           lambda origin: not pinned or origin == Origin(pinned, pinned), deadline)
         if answer is None:
             raise DhcpFailed(f"no DHCP offer for {mac}" + (f" from {pinned}" if pinned else "")
                              + ": is it registered, and is the server in full mode?")
@@ -114,7 +117,7 @@ def obtain_lease(mac: MacAddress, interface: str = "", pinned: str = "") -> Leas
         request = _request_packet(mac, xid, MessageType.REQUEST, {
             Option.REQUESTED_IP: codec.ip_bytes(offer.yiaddr), Option.SERVER_ID: codec.ip_bytes(server.server_id)})
         answer = _exchange(sock, mac, xid, request, {MessageType.ACK, MessageType.NAK},
-                           lambda origin: origin == server)
+                           lambda origin: origin == server, deadline)
     if answer is None:
         raise DhcpFailed(f"no DHCP acknowledgement for {offer.yiaddr} from {server.server_id}")
     ack = answer[0]
