@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pxeserver.bootconfig import BootConfigWriter
 from pxeserver.config import Config
 from pxeserver.policy import BootPolicy
 from pxeserver.provisioning import Provisioning
 from pxeserver.registry import Store, open_store
+from pxeserver.service import Supervisor
 from pxeserver.timeline import Timeline
 
 
@@ -20,6 +21,7 @@ class Context:
     policy: BootPolicy
     writer: BootConfigWriter
     provisioning: Provisioning
+    supervisor: Supervisor = field(default_factory=Supervisor)  # the services' loops report to it
 
     def close(self) -> None:
         self.timeline.close()
@@ -28,7 +30,7 @@ class Context:
 
 def build(config: Config) -> Context:
     store = open_store(config.database)
-    timeline = Timeline(store)
+    timeline = Timeline(store, config.server.events_per_host)
     policy = BootPolicy(store, config, timeline)
     writer = BootConfigWriter(config.tftp_root, policy)
     return Context(config, store, timeline, policy, writer, Provisioning(store, policy, writer))

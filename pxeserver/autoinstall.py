@@ -10,6 +10,12 @@ template's source, so a hostname or variable holding ``{{ ... }}`` comes out lit
 CVE-2021-40324 came from evaluating such values). Kickstart and preseed files are line-oriented,
 so a value holding a line break could still smuggle in a ``%post`` section or a ``d-i`` line:
 every value a template writes out is refused if it holds a line break or a NUL.
+
+Within a line, templates quote what they write: ``shquote`` makes a value one word for a
+shell (``%post``, ``late_command``) and for a kickstart command line (pykickstart and
+anaconda split those with ``shlex``, so ``timezone 'UTC --isUtc'`` stays one argument);
+``one_of(...)`` refuses anything but listed words where even a quoted value would be
+interpreted (a ``sed`` expression, whose ``e`` flag runs commands).
 """
 
 from __future__ import annotations
@@ -38,6 +44,14 @@ def _single_line(value: Any) -> Any:
     return value
 
 
+def _one_of(value: Any, *allowed: str) -> Any:
+    """Jinja2 filter ``one_of("a", "b")``: the value, if it is one of these words."""
+    if value not in allowed:
+        shown = str(value) if len(str(value)) <= 40 else str(value)[:40] + "..."
+        raise UnsafeValue(f"refusing to write {shown!r}: must be one of {', '.join(allowed)}")
+    return value
+
+
 class AutoinstallRenderer:
     """One sandboxed environment per template directory, each caching its compiled templates."""
 
@@ -59,6 +73,7 @@ class AutoinstallRenderer:
         )
         # %post scripts and late_command are shell: values go in as one quoted word.
         environment.filters["shquote"] = lambda value: shlex.quote(str(value))
+        environment.filters["one_of"] = _one_of
         return environment
 
     def variables(self, host: Host, profile: Profile) -> dict[str, Any]:

@@ -5,12 +5,19 @@ for interoperability (another TFTP server, a look with ``cat``). A change rewrit
 changed host's file (Cobbler re-syncs every file on every change: minutes at a thousand hosts),
 atomically: a temporary file in the same directory, then rename. A host whose netboot is off
 gets a local-boot file, never a deleted one, which would drop it through to ``default``.
+
+A file is always written from the host as the registry holds it at that moment, under a lock
+on the directory (flock, so the CLI in another process takes it too): whichever change writes
+last writes the newest state, never a copy read before a concurrent callback.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pxeserver import pxelinux
@@ -27,13 +34,29 @@ class BootConfigWriter:
     def host_path(self, mac: MacAddress) -> Path:
         return self.directory / mac.pxelinux_name
 
-    def write_host(self, host: Host) -> Path:
+    def sync_host(self, mac: MacAddress) -> None:
+        """Make the host's file match the registry now; remove it if the host is gone."""
+        with self._locked():
+            host = self.policy.host(mac)
+            if host is None:
+                self.host_path(mac).unlink(missing_ok=True)
+            else:
+                self._write_host(host)
+
+    def _write_host(self, host: Host) -> Path:
         spec = self.policy.host_spec(host)
         text = pxelinux.render(spec, comment=f"{host.hostname} ({host.mac}), written by pxeserver")
         return self._write(self.host_path(host.mac), text)
 
-    def remove_host(self, mac: MacAddress) -> None:
-        self.host_path(mac).unlink(missing_ok=True)
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def write_default(self) -> Path:
         spec = self.policy.default_spec()

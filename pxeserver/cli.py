@@ -88,15 +88,19 @@ def cli(config_file: str | None, data_dir: str | None) -> None:
 @click.option("--http/--no-http", "http_enabled", default=None)
 @click.option("--dhcp/--no-dhcp", "dhcp_enabled", default=None)
 @click.option("--dns/--no-dns", "dns_enabled", default=None)
+@click.option("--log-level", type=click.Choice(config_module.LOG_LEVELS, case_sensitive=False),
+              help="Overrides [server] log_level (default info).")
 @click.pass_context
 def serve(ctx: click.Context, address: str | None, tftp_port: int | None, http_port: int | None,
-          dns_port: int | None, **enabled: bool | None) -> None:
-    """Run every enabled service until SIGINT or SIGTERM."""
+          dns_port: int | None, log_level: str | None, **enabled: bool | None) -> None:
+    """Run every enabled service until SIGINT or SIGTERM, or until one of them fails (exit 1)."""
     from pxeserver import serve as serve_module
 
     cfg = _load_config(ctx)
     if address:
         cfg.server.address = address
+    if log_level:
+        cfg.server.log_level = log_level.lower()
     for section, port in (("tftp", tftp_port), ("http", http_port), ("dns", dns_port)):
         if port is not None:
             getattr(cfg, section).port = port
@@ -151,7 +155,7 @@ def profile_list(ctx: click.Context) -> None:
 def profile_show(ctx: click.Context, name: str) -> None:
     """Show one profile as JSON."""
     with _context(ctx) as context:
-        _print_json(context.store.get_profile(name).to_dict())
+        _print_json(context.store.get_profile(name).to_dict(context.config.api.secret_vars))
 
 
 @profile.command("rm")
@@ -184,7 +188,7 @@ def _with_mac(action: Callable[..., None]) -> Callable[..., None]:
 @click.option("--memory", type=int, help="domU memory in MB.")
 @click.option("--vcpus", type=int)
 @click.option("--bridge")
-@click.option("--disk", help="xl disk spec.")
+@click.option("--disk", help="xl disk spec (target, format, vdev, access) under [xen] disk_roots.")
 @click.pass_context
 def host_add(ctx: click.Context, mac: str | None, hostname: str, profile_name: str, ip: str | None,
              variables: tuple[str, ...], **xen: Any) -> None:
@@ -217,7 +221,7 @@ def host_list(ctx: click.Context) -> None:
 def host_show(ctx: click.Context, mac: str) -> None:
     """Show one host as JSON."""
     with _context(ctx) as context:
-        _print_json(context.store.get_host(MacAddress.parse(mac)).to_dict())
+        _print_json(context.store.get_host(MacAddress.parse(mac)).to_dict(context.config.api.secret_vars))
 
 
 @host.command("rm")
@@ -245,7 +249,7 @@ def host_netboot(ctx: click.Context, mac: str, state: str) -> None:
 @cli.command("domu-config")
 @_with_mac
 @click.option("--bridge")
-@click.option("--disk", help="xl disk spec, e.g. 'phy:/dev/vg/web1,xvda,w'.")
+@click.option("--disk", help="xl disk spec under [xen] disk_roots, e.g. 'phy:/dev/vg_domu/web1,xvda,w'.")
 @click.option("--memory", type=int, help="Memory in MB.")
 @click.option("--vcpus", type=int)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
@@ -255,10 +259,10 @@ def domu_config(ctx: click.Context, mac: str, output: str | None, **overrides: A
     with _context(ctx) as context:
         found = context.store.get_host(MacAddress.parse(mac))
         xen = XenSettings.from_input({k: v for k, v in overrides.items() if v is not None}, found.xen)
+        context.provisioning.check_xen(xen)
         config = context.config
         pinned = config.advertised_address if config.dhcp.enabled and config.dhcp.mode == "full" else ""
-        text = domu.render(found, bridge=xen.bridge, disk=xen.disk, memory=xen.memory, vcpus=xen.vcpus,
-                           bootloader=config.xen.bootloader, dhcp_server=pinned)
+        text = domu.render(found, xen, bootloader=config.xen.bootloader, dhcp_server=pinned)
         if output:
             Path(output).write_text(text)
             click.echo(f"wrote {output}")

@@ -15,7 +15,14 @@ import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from pxeserver.registry.models import (
+    ValidationError,
+    validate_boot_path,
+    validate_hostname,
+    validate_profile_name,
+)
 
 
 class ConfigError(ValueError):
@@ -29,7 +36,9 @@ class ServerSection:
     tftp_root: str = "tftproot"
     kickstarts: str = "kickstarts"
     preseeds: str = "preseeds"
-    database: str = ""  # empty: SQLite file registry.db under data_dir
+    database: str = ""  # empty: SQLite file registry.db under data_dir; else a SQLite file path
+    log_level: str = "info"  # debug, info, warning or error
+    events_per_host: int = 1000  # timeline entries kept per host; older ones are dropped
 
 
 @dataclass
@@ -46,12 +55,15 @@ class TftpSection:
     address: str = "0.0.0.0"
     port: int = 69
     max_sessions: int = 4096
-    max_sessions_per_client: int = 64
+    max_sessions_per_client: int = 32  # per source address (dom0's pypxeboot: one per booting guest)
+    max_sessions_per_subnet: int = 1024  # per /24 of source addresses: spoofed floods stay in theirs
     timeout: int = 1  # seconds before a block is resent, unless the client asks (RFC 2349)
+    max_timeout: int = 5  # a client asking more is not acknowledged and gets `timeout`
     retries: int = 5  # resends of one block before the transfer is abandoned
+    session_deadline: int = 10  # seconds without an ACK of anything new before a transfer is dropped
     max_blksize: int = 65464  # larger requests are answered with this (RFC 2348)
     max_windowsize: int = 64  # larger requests are answered with this (RFC 7440)
-    packet_cache_mb: int = 256  # ready-made DATA packets of often-sent files (tftp/cache.py)
+    packet_cache_mb: int = 256  # all file data in memory, shared by transfers (tftp/cache.py)
 
 
 @dataclass
@@ -60,6 +72,10 @@ class HttpSection:
     address: str = "0.0.0.0"
     port: int = 80
     threads: int = 32
+    # Who else may fetch a host's kickstart/preseed and make its install-complete call, besides
+    # the host's registered IP or current DHCP lease: CIDR networks, e.g. a NAT gateway's
+    # address. Anyone inside them can read every host's install secrets ("0.0.0.0/0": anyone).
+    autoinstall_trusted_networks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -75,6 +91,7 @@ class DhcpSection:
     pool_end: str = ""
     lease_time: int = 3600
     serve_unknown: bool = False
+    unknown_pool_share: float = 0.25  # the most of the pool MACs the registry does not know hold
     dns_servers: list[str] = field(default_factory=list)
 
 
@@ -85,15 +102,23 @@ class DnsSection:
     port: int = 53
     domain: str = "domu.example"
     upstream: str = ""  # "host:port" to forward names outside the zone; empty: REFUSED
+    # Networks whose clients may use the upstream; empty: the DHCP subnet and loopback.
+    forward_clients: list[str] = field(default_factory=list)
 
 
 @dataclass
 class ApiSection:
     token: str = ""
+    # Template variables never shown by the API or the CLI, besides any named like *password*,
+    # *secret*, *token* or *key* (models.SECRET_VAR).
+    secret_vars: list[str] = field(default_factory=list)
 
 
 @dataclass
 class XenSection:
+    # The only places an xen.disk target may lie under: an API client must not be able to hand
+    # a guest dom0's own disk (an operator who needs more writes the xl config by hand).
+    disk_roots: list[str] = field(default_factory=lambda: ["/var/lib/xen/images/", "/dev/vg_domu/"])
     # xl runs a bare bootloader name only from its own directory (/usr/lib/xen-4.17/bin on
     # Debian): domu-config writes this absolute path, where `build-pypxeboot -o` puts it.
     bootloader: str = "/usr/local/bin/pypxeboot"
@@ -134,7 +159,9 @@ class Config:
 
     @property
     def database(self) -> str:
-        return self.server.database or str(self.data_dir / "registry.db")
+        if not self.server.database:
+            return str(self.data_dir / "registry.db")
+        return str(self.path(self.server.database))
 
     @property
     def advertised_address(self) -> str:
@@ -157,6 +184,9 @@ def _default_route_address() -> str:
         return "127.0.0.1"
 
 
+_TYPE_NAMES = {int: "a whole number", bool: "true or false", str: "a string", list: "a list"}
+
+
 def _apply(section: Any, values: dict[str, Any], where: str) -> None:
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a table")
@@ -166,30 +196,190 @@ def _apply(section: Any, values: dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where}: unknown key {key!r}")
         expected = type(getattr(section, key))
         if expected is int and isinstance(value, bool) or not isinstance(value, expected):
-            raise ConfigError(f"{where}.{key}: expected {expected.__name__}, got {value!r}")
+            raise ConfigError(f"{where} {key} must be {_TYPE_NAMES[expected]}, not {value!r}")
         setattr(section, key, value)
 
 
-def validate(config: Config) -> None:
-    for name in ("tftp", "http", "dhcp", "dns"):
-        port = getattr(config, name).port
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"[{name}] port {port} is out of range")
-    if config.dhcp.mode not in ("full", "proxy"):
-        raise ConfigError(f"[dhcp] mode must be 'full' or 'proxy', not {config.dhcp.mode!r}")
-    for key, low, high in (("timeout", 1, 255), ("retries", 0, 100), ("max_blksize", 8, 65464),
-                           ("max_windowsize", 1, 65535), ("max_sessions", 1, 1_000_000),
-                           ("max_sessions_per_client", 1, 1_000_000), ("packet_cache_mb", 0, 1 << 20)):
-        if not low <= getattr(config.tftp, key) <= high:
-            raise ConfigError(f"[tftp] {key} must be {low}..{high}, not {getattr(config.tftp, key)}")
-    if not re.fullmatch(r"/[A-Za-z0-9._+/-]+", config.xen.bootloader):
-        raise ConfigError(f"[xen] bootloader must be an absolute path of plain characters, not {config.xen.bootloader!r}")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_INTERFACE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ, and what ip-link accepts
+_TOKEN = re.compile(r"^[\x21-\x7e]*$")  # printable ASCII: it travels in an HTTP header
+MAX_LEASE_TIME = 0xFFFFFFFE  # seconds; 0xFFFFFFFF means "infinite" in DHCP
+
+
+def _fail(section: str, key: str, problem: str) -> NoReturn:
+    raise ConfigError(f"[{section}] {key} {problem}")
+
+
+def _range(config: Config, section: str, key: str, low: int, high: int) -> None:
+    value = getattr(getattr(config, section), key)
+    if not low <= value <= high:
+        _fail(section, key, f"must be {low}..{high}, not {value}")
+
+
+def _ipv4(section: str, key: str, value: str) -> ipaddress.IPv4Address:
     try:
-        ipaddress.IPv4Network(config.dhcp.subnet)
-        if config.server.address:
-            ipaddress.IPv4Address(config.server.address)
+        return ipaddress.IPv4Address(value)
+    except ValueError:
+        _fail(section, key, f"must be an IPv4 address, not {value!r}")
+
+
+def _bind_address(config: Config, section: str) -> None:
+    """A local IPv4 address to bind, or 0.0.0.0 for every one (TFTP, DHCP and DNS are IPv4)."""
+    _ipv4(section, "address", getattr(config, section).address)
+
+
+def _host_address(section: str, key: str, value: str,
+                  subnet: ipaddress.IPv4Network | None = None) -> ipaddress.IPv4Address:
+    """An address a client is told or given: not 0.0.0.0, broadcast or multicast."""
+    address = _ipv4(section, key, value)
+    if address.is_unspecified or address.is_multicast or address == ipaddress.IPv4Address(
+            "255.255.255.255"):
+        _fail(section, key, f"must be an address clients can use, not {value}")
+    if subnet is not None:
+        if address not in subnet:
+            _fail(section, key, f"must be inside [dhcp] subnet {subnet}, not {value}")
+        if subnet.prefixlen < 31 and address in (subnet.network_address, subnet.broadcast_address):
+            _fail(section, key, f"must not be the network or broadcast address of {subnet}")
+    return address
+
+
+def _directory(config: Config, key: str) -> None:
+    value = getattr(config.server, key)
+    if not value or "\0" in value:
+        _fail("server", key, "must be a directory path")
+    path = config.path(value)
+    if path.exists() and not path.is_dir():
+        _fail("server", key, f"must be a directory, and {path} is not one")
+
+
+def _database(config: Config) -> None:
+    """Empty (registry.db under data_dir), or a SQLite file path; a URL only once its store
+    exists, so ``postgresql://...`` never silently becomes a SQLite file named like the URL."""
+    value = config.server.database
+    scheme, sep, _ = value.partition("://")
+    if sep:
+        if scheme in ("postgresql", "postgres"):
+            _fail("server", "database", "must be empty or a SQLite file path "
+                                        "(PostgreSQL store not available yet)")
+        _fail("server", "database", f"must be empty or a SQLite file path, not a {scheme}:// URL")
+    if "\0" in value or value.endswith("/"):
+        _fail("server", "database", f"must be a file path, not {value!r}")
+    if value and config.path(value).is_dir():
+        _fail("server", "database", f"must be a SQLite file, and {config.path(value)} is a directory")
+
+
+def validate(config: Config) -> None:
+    """Every key checked; the first bad one is a ConfigError naming it, on one line.
+
+    Types were checked when the file was read; this checks values, and the keys that only make
+    sense together (the pool inside the subnet, start before end, the router in the subnet).
+    """
+    server = config.server
+    if server.address:
+        _host_address("server", "address", server.address)
+    for key in ("data_dir", "tftp_root", "kickstarts", "preseeds"):
+        _directory(config, key)
+    _database(config)
+    if server.log_level not in LOG_LEVELS:
+        _fail("server", "log_level",
+              f"must be one of {', '.join(LOG_LEVELS)}, not {server.log_level!r}")
+
+    try:
+        if config.boot.default_profile:
+            validate_profile_name(config.boot.default_profile)
+    except ValidationError as exc:
+        _fail("boot", "default_profile", f"must be a profile name: {exc}")
+    for key in ("efi_loader", "bios_loader"):
+        try:
+            validate_boot_path(key, getattr(config.boot, key))
+        except ValidationError as exc:
+            _fail("boot", key, f"must be a path under the TFTP root: {exc}")
+
+    for section in ("tftp", "http", "dhcp", "dns"):
+        _range(config, section, "port", 0, 65535)
+    for section in ("tftp", "dhcp", "dns"):
+        _bind_address(config, section)
+    try:
+        ipaddress.ip_address(config.http.address)
+    except ValueError:
+        _fail("http", "address", f"must be an IP address, not {config.http.address!r}")
+    for key, low, high in (("timeout", 1, 255), ("max_timeout", 1, 255), ("retries", 0, 100),
+                           ("session_deadline", 1, 3600), ("max_blksize", 8, 65464),
+                           ("max_windowsize", 1, 65535), ("max_sessions", 1, 1_000_000),
+                           ("max_sessions_per_client", 1, 1_000_000),
+                           ("max_sessions_per_subnet", 1, 1_000_000), ("packet_cache_mb", 0, 1 << 20)):
+        _range(config, "tftp", key, low, high)
+    longest_wait = max(config.tftp.timeout, config.tftp.max_timeout)
+    if config.tftp.session_deadline < longest_wait:
+        _fail("tftp", "session_deadline", f"must be at least timeout and max_timeout "
+                                          f"({longest_wait}), not {config.tftp.session_deadline}")
+    _range(config, "http", "threads", 1, 1024)
+
+    dhcp = config.dhcp
+    if dhcp.mode not in ("full", "proxy"):
+        _fail("dhcp", "mode", f"must be 'full' or 'proxy', not {dhcp.mode!r}")
+    if dhcp.interface and not _INTERFACE.match(dhcp.interface):
+        _fail("dhcp", "interface", "must be a network interface name (1 to 15 letters, digits, "
+                                   f"'.', '_' or '-'), not {dhcp.interface!r}")
+    _range(config, "server", "events_per_host", 1, 1_000_000)
+    for network in config.http.autoinstall_trusted_networks:
+        try:
+            if not isinstance(network, str):
+                raise TypeError(network)
+            ipaddress.ip_network(network)
+        except (TypeError, ValueError):
+            _fail("http", "autoinstall_trusted_networks",
+                  f"must be networks such as '10.0.0.0/8', not {network!r}")
+    for root in config.xen.disk_roots:
+        if not isinstance(root, str) or not root.startswith("/") or ".." in root.split("/"):
+            _fail("xen", "disk_roots", f"must be absolute paths without '..', not {root!r}")
+    if not re.fullmatch(r"/[A-Za-z0-9._+/-]+", config.xen.bootloader):
+        _fail("xen", "bootloader", f"must be an absolute path of plain characters, not {config.xen.bootloader!r}")
+    for name in config.api.secret_vars:
+        if not isinstance(name, str):
+            _fail("api", "secret_vars", f"must be variable names, not {name!r}")
+    try:
+        subnet = ipaddress.IPv4Network(dhcp.subnet)
     except ValueError as exc:
-        raise ConfigError(f"bad address in configuration: {exc}") from None
+        _fail("dhcp", "subnet", f"must be an IPv4 network such as 10.0.0.0/24: {exc}")
+    if dhcp.router:
+        _host_address("dhcp", "router", dhcp.router, subnet)
+    if bool(dhcp.pool_start) != bool(dhcp.pool_end):
+        missing, given = ("pool_start", "pool_end") if dhcp.pool_end else ("pool_end", "pool_start")
+        _fail("dhcp", missing, f"must be set with {given} (both, or neither for no pool)")
+    if dhcp.pool_start:
+        first = _host_address("dhcp", "pool_start", dhcp.pool_start, subnet)
+        last = _host_address("dhcp", "pool_end", dhcp.pool_end, subnet)
+        if first > last:
+            _fail("dhcp", "pool_end", f"must be at least pool_start {first}, not {last}")
+    _range(config, "dhcp", "lease_time", 60, MAX_LEASE_TIME)
+    if not 0.0 <= dhcp.unknown_pool_share <= 1.0:
+        _fail("dhcp", "unknown_pool_share", f"must be 0..1, not {dhcp.unknown_pool_share}")
+    for server_ip in dhcp.dns_servers:
+        if not isinstance(server_ip, str):
+            _fail("dhcp", "dns_servers", f"must be IPv4 address strings, not {server_ip!r}")
+        _host_address("dhcp", "dns_servers", server_ip)
+
+    try:
+        validate_hostname(config.dns.domain)
+    except ValidationError as exc:
+        _fail("dns", "domain", f"must be a domain name: {exc}")
+    for network in config.dns.forward_clients:
+        try:
+            ipaddress.IPv4Network(network)
+        except (TypeError, ValueError) as exc:
+            _fail("dns", "forward_clients",
+                  f"must be IPv4 networks such as '10.0.0.0/8', not {network!r} ({exc})")
+    if config.dns.upstream:
+        from pxeserver.dns.forward import parse_upstream
+
+        try:
+            parse_upstream(config.dns.upstream)
+        except ValueError:
+            _fail("dns", "upstream", f"must be an IPv4 address[:port], not {config.dns.upstream!r}")
+
+    if not _TOKEN.match(config.api.token):
+        _fail("api", "token", "must be printable ASCII without spaces")
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:
@@ -209,8 +399,11 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         for key, values in data.items():
             if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api", "xen"):
                 raise ConfigError(f"{file}: unknown section [{key}]")
-            _apply(getattr(config, key), values, f"{file} [{key}]")
+            _apply(getattr(config, key), values, f"{file}: [{key}]")
         config.base_dir = file.resolve().parent
         config.source = str(file)
-    validate(config)
+    try:
+        validate(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{config.source}: {exc}" if chosen is not None else str(exc)) from None
     return config

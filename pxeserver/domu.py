@@ -5,14 +5,13 @@ from __future__ import annotations
 import re
 
 from pxeserver.config import XenSection
-from pxeserver.registry import Host
+from pxeserver.registry import Host, XenSettings
 
 _NAME_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
-def render(host: Host, *, bridge: str | None = None, disk: str | None = None,
-           memory: int | None = None, vcpus: int | None = None,
-           bootloader: str = XenSection.bootloader, dhcp_server: str = "") -> str:
+def render(host: Host, xen: XenSettings | None = None, *, bootloader: str = XenSection.bootloader,
+           dhcp_server: str = "") -> str:
     """An xl config: PV guest, pypxeboot as bootloader, one vif with the host's MAC.
 
     ``bootloader`` is an absolute path: xl looks for a bare name only in its own directory.
@@ -21,18 +20,21 @@ def render(host: Host, *, bridge: str | None = None, disk: str | None = None,
     pxeserver is the DHCP server, ``dhcp_server=`` so that a guest answering first is ignored.
     on_reboot restarts the guest, so after the installer's final reboot the bootloader
     runs again and, with netboot now off, hands over to the installed system.
+
+    Every value is checked again (XenSettings.from_input, XenDisk.parse) and the disk written
+    from its parsed form, so nothing stored by an older release reaches xl unchecked.
     """
     name = _NAME_SAFE.sub("-", host.hostname.split(".", 1)[0])
-    xen = host.xen
-    bridge = bridge if bridge is not None else xen.bridge
-    disk_spec = disk or xen.disk or f"format=raw,vdev=xvda,access=rw,target=/var/lib/xen/images/{name}.img"
+    xen = XenSettings.from_input({}, xen or host.xen)
+    bridge = xen.bridge
+    disk_spec = xen.disk_or(f"/var/lib/xen/images/{name}.img").spec
     words = [f"mac={host.mac}", f"interface={bridge}"] + ([f"dhcp_server={dhcp_server}"] if dhcp_server else [])
     lines = [
         f"# {host.hostname}: boots through pypxeboot from pxeserver",
         f'name = "{name}"',
         'type = "pv"',
-        f"memory = {memory if memory is not None else xen.memory}",
-        f"vcpus = {vcpus if vcpus is not None else xen.vcpus}",
+        f"memory = {xen.memory}",
+        f"vcpus = {xen.vcpus}",
         f"vif = ['mac={host.mac},bridge={bridge}']",
         f"disk = ['{disk_spec}']",
         f'bootloader = "{bootloader}"',

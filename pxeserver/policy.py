@@ -45,6 +45,28 @@ class AutoinstallKind(str, Enum):
 _LIFECYCLE = [Status.REGISTERED, Status.NETBOOTING, Status.INSTALLING]
 
 
+class SecretRefused(PermissionError):
+    """A request for a host's install secrets (autoinstall file, install-complete call) that
+    this client may not make; the message says why."""
+
+
+class NotInstalling(SecretRefused):
+    """The host has no install in progress: netboot is off or it is installed."""
+
+
+class NotFromHost(SecretRefused):
+    """The client is neither at the host's address nor in a trusted network."""
+
+
+def _client_address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text or "")
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:10.0.0.5 from a dual-stack socket
+    return mapped or address
+
+
 class BootPolicy:
     def __init__(self, store: Store, config: Config, timeline: Timeline) -> None:
         self.store = store
@@ -135,6 +157,37 @@ class BootPolicy:
             return f"ks={url} inst.ks={url}"
         domain = self.config.dns.domain
         return f"auto=true priority=critical url={url} hostname={short} domain={domain}"
+
+    # -- who may have a host's install secrets --------------------------------------------
+
+    def check_secret_access(self, host: Host, client_ip: str | None) -> None:
+        """Raise SecretRefused unless ``client_ip`` may have this host's kickstart or preseed
+        (which carries its install token) or make its install-complete call.
+
+        Only during an install: netboot on and not yet installed. ``registered`` counts, as
+        the move to ``netbooting`` is recorded off the packet path and may lag or be dropped
+        under load. Only from the host itself: its registered IP or its current DHCP lease,
+        or a network the operator trusts ([http] autoinstall_trusted_networks).
+        """
+        if not host.netboot or host.status is Status.INSTALLED:
+            raise NotInstalling(f"host {host.mac} has no install in progress")
+        address = _client_address(client_ip)
+        if address is None:
+            raise NotFromHost("the client's address is unknown")
+        if str(address) in self.host_addresses(host) or any(
+            address in ipaddress.ip_network(network)
+            for network in self.config.http.autoinstall_trusted_networks
+        ):
+            return
+        raise NotFromHost(f"{client_ip} is not the address of host {host.mac}")
+
+    def host_addresses(self, host: Host, now: float | None = None) -> set[str]:
+        """The host's registered IP and the address of its unexpired DHCP lease."""
+        addresses = {host.ip} if host.ip else set()
+        lease = self.store.find_lease(host.mac)
+        if lease is not None and lease.expires > (time.time() if now is None else now):
+            addresses.add(lease.ip)
+        return addresses
 
     # -- pxelinux.cfg/ names --------------------------------------------------------------
 

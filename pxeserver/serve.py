@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 from collections.abc import Callable
 
 from pxeserver import app
@@ -57,13 +56,18 @@ def _api_exposed(config: Config) -> bool:
 
 
 def run(config: Config) -> int:
-    """Start the enabled services, print where they listen, and wait for a signal."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    """Start the enabled services, print where they listen, and wait for a signal or a failure.
+
+    A service whose loop dies stops the others and makes the exit status 1, so systemd
+    (Restart=on-failure) starts a fresh process instead of keeping one that answers nothing.
+    """
+    logging.basicConfig(level=config.server.log_level.upper(),
+                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     context = app.build(config)
     context.writer.write_default()
-    stop = threading.Event()
+    supervisor = context.supervisor
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda *_: supervisor.request_stop())
     started: list[Service] = []
     try:
         for name, factory in FACTORIES:
@@ -76,10 +80,11 @@ def run(config: Config) -> int:
         _stop_all(started, context)
         return 1
     _banner(config, started)
-    stop.wait()
-    print("pxeserver: stopping", file=sys.stderr)
+    failure = supervisor.wait()
+    print("pxeserver: stopping" if failure is None else "pxeserver: stopping the other services",
+          file=sys.stderr)
     _stop_all(started, context)
-    return 0
+    return 0 if failure is None else 1
 
 
 def _stop_all(services: list[Service], context: Context) -> None:
@@ -88,6 +93,8 @@ def _stop_all(services: list[Service], context: Context) -> None:
             service.stop()
         except Exception:
             log.exception("stopping %s failed", service.name)
+        else:
+            log.info("stopped %s", service.name)
     context.close()
 
 
@@ -112,7 +119,7 @@ def _banner(config: Config, services: list[Service]) -> None:
             print(f"pxeserver: {service.name} listening on {endpoint}", flush=True)
     if not config.api.token and config.http.enabled and _api_exposed(config):
         print(
-            "pxeserver: WARNING: the API accepts writes from anyone who can reach "
+            "pxeserver: WARNING: the API answers reads and writes from anyone who can reach "
             f"{config.http.address}:{config.http.port}; set [api] token in pxeserver.toml",
             flush=True,
         )

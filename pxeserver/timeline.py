@@ -3,7 +3,8 @@
 A TFTP or DHCP service records an event per transfer or packet; writing each one as its own
 durable transaction would put a disk flush on every boot step. Events go into a queue instead,
 and one writer thread stores whatever has gathered in one transaction. Readers flush first,
-so a timeline read right after a boot step shows it.
+so a timeline read right after a boot step shows it. Many events come from unauthenticated
+requests, so only registered hosts' events are kept, each host's newest ``keep_per_host``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ MAX_BATCH = 1000
 
 
 class Timeline:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, keep_per_host: int = 1000) -> None:
         self.store = store
+        self.keep_per_host = keep_per_host
         self._queue: queue.Queue[Event | threading.Event | None] = queue.Queue(maxsize=100_000)
         self._writer = threading.Thread(target=self._run, name="timeline", daemon=True)
         self._writer.start()
@@ -64,7 +66,7 @@ class Timeline:
                     break
                 stop = stop or item is None
             try:
-                self.store.add_events(batch)
+                self.store.add_events(batch, keep=self.keep_per_host)
             except Exception:  # a failing disk must not kill the writer
                 log.exception("could not store %d timeline events", len(batch))
             for waiter in waiters:

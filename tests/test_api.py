@@ -25,8 +25,10 @@ def snapshot(client) -> tuple[list, list]:
 
 def test_profile_round_trip(client) -> None:
     assert client.get("/api/profiles/deb").get_json() == {**PROFILE, "autoinstall": ""}
-    changed = {**PROFILE, "append": "console=xvc0"}
-    assert client.put("/api/profiles/deb", json=changed).get_json()["append"] == "console=xvc0"
+    changed = {**PROFILE, "append": "console=xvc0", "kernel": "images/deb2/linux",
+               "initrd": "images/deb2/initrd.gz", "vars": {"suite": "trixie", "mirror": "m"}}
+    assert client.put("/api/profiles/deb", json=changed).get_json() == {**changed, "autoinstall": ""}
+    assert client.get("/api/profiles/deb").get_json() == {**changed, "autoinstall": ""}
     assert client.delete("/api/profiles/deb").status_code == 204
     assert client.get("/api/profiles/deb").status_code == 404
 
@@ -52,8 +54,11 @@ def test_patch_and_delete_host(client) -> None:
     client.post("/api/hosts", json={"mac": "00:16:3e:aa:bb:cc", "hostname": "web1", "profile": "deb"})
     patched = client.patch("/api/hosts/00:16:3e:aa:bb:cc", json={"ip": "10.0.0.9", "xen": {"memory": 512}})
     assert patched.status_code == 200
-    assert patched.get_json()["ip"] == "10.0.0.9"
-    assert patched.get_json()["xen"]["memory"] == 512
+    expected = {"mac": "00:16:3e:aa:bb:cc", "hostname": "web1", "ip": "10.0.0.9", "profile": "deb",
+                "netboot": True, "status": "registered", "vars": {},
+                "xen": {"memory": 512, "vcpus": 1, "bridge": "xenbr0", "disk": ""}}
+    assert patched.get_json() == expected
+    assert client.get("/api/hosts/00:16:3e:aa:bb:cc").get_json() == expected
     assert client.delete("/api/profiles/deb").status_code == 409
     assert client.delete("/api/hosts/00-16-3e-aa-bb-cc").status_code == 204
     assert client.get("/api/hosts/00:16:3e:aa:bb:cc").status_code == 404
@@ -102,19 +107,27 @@ def test_oversized_body_is_refused(client) -> None:
     assert client.get("/api/hosts").get_json() == []
 
 
-def test_writes_need_the_bearer_token_when_one_is_set(ctx) -> None:
+def test_reads_and_writes_need_the_bearer_token_when_one_is_set(ctx) -> None:
     ctx.config.api.token = "s3cret"
     client = create_app(ctx).test_client()
+    admin = {"Authorization": "Bearer s3cret"}
     assert client.post("/api/profiles", json=PROFILE).status_code == 401
     assert client.post("/api/profiles", json=PROFILE, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.post("/api/profiles", json=PROFILE, headers={"Authorization": "Bearer d\xe9j\xe0"}).status_code == 401
-    assert client.get("/api/profiles").get_json() == []
-    ok = client.post("/api/profiles", json=PROFILE, headers={"Authorization": "Bearer s3cret"})
+    assert client.get("/api/profiles", headers=admin).get_json() == []
+    ok = client.post("/api/profiles", json=PROFILE, headers=admin)
     assert ok.status_code == 201
+    for path in ("/api/profiles", "/api/profiles/deb", "/api/hosts", "/api/hosts/00:16:3e:00:00:01",
+                 "/api/hosts/00:16:3e:00:00:01/events"):
+        refused = client.get(path)
+        assert refused.status_code == 401 and "Bearer" in refused.get_json()["error"]
+    assert client.get("/api/profiles/deb", headers=admin).get_json()["name"] == "deb"
 
 
 def test_install_callback_needs_the_hosts_token_once(client, ctx) -> None:
-    client.post("/api/hosts", json={"mac": "00:16:3e:aa:bb:cc", "hostname": "web1", "profile": "deb"})
+    # Flask's test client calls from 127.0.0.1: the host's address here.
+    client.post("/api/hosts", json={"mac": "00:16:3e:aa:bb:cc", "hostname": "web1", "profile": "deb",
+                                    "ip": "127.0.0.1"})
     token = ctx.store.find_host(MacAddress.parse("00:16:3e:aa:bb:cc")).install_token
     assert len(token) >= 24
     assert client.post("/api/hosts/00:16:3e:aa:bb:cc/installed").status_code == 403
@@ -127,4 +140,7 @@ def test_install_callback_needs_the_hosts_token_once(client, ctx) -> None:
     assert client.post(f"/api/hosts/00:16:3e:aa:bb:cc/installed?token={token}").status_code == 403
     events = client.get("/api/hosts/00:16:3e:aa:bb:cc/events").get_json()
     assert [e["source"] for e in events] == ["api", "callback", "callback", "callback", "callback"]
-    assert events[-1]["message"] == "refused install-complete call: wrong token"
+    assert events[-3]["message"] == "refused install-complete call: wrong token"
+    assert events[-2]["message"] == "install complete; next boot is local"
+    # The replay after the install is refused before the token is even compared.
+    assert events[-1]["message"].startswith("refused install-complete call from 127.0.0.1: ")

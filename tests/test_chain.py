@@ -19,7 +19,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from dhcp_support import CLIENT_IF, SERVER_IF, SERVER_IP, Link, can_make_namespaces, udhcpc, veth_link
+from dhcp_support import (
+    CLIENT_IF,
+    RELAY_IP,
+    SERVER_IF,
+    SERVER_IP,
+    Link,
+    can_make_namespaces,
+    udhcpc,
+    veth_link,
+)
 
 from conftest import REPO
 
@@ -133,14 +142,20 @@ def test_a_guest_goes_from_dhcp_to_installed_and_then_boots_locally(workdir: Pat
         assert dig(link, "web1.lab.example") == GUEST_IP
         assert dig(link, "-x", GUEST_IP) == "web1.lab.example."
         assert append["url"] == f"http://{SERVER_IP}/preseed/00-16-3e-12-34-56"
-        preseed = curl(link, append["url"])
+        # Another machine on the bridge (the namespace's first address) gets nothing.
+        status = ("-s", "-o", "/dev/null", "-w", "%{http_code}", "--interface", RELAY_IP)
+        assert link.in_client("curl", *status, append["url"]).stdout == "403"
+        preseed = curl(link, "--interface", GUEST_IP, append["url"])
         assert "d-i partman-auto/disk string /dev/xvda" in preseed
         callback = re.search(r"curl -fsS -X POST '([^']+)'", preseed).group(1)
         assert json.loads(cli(workdir, "host", "show", MAC))["status"] == "installing"
 
-        # 4. Install done: the callback, once; the next boot is local.
-        assert json.loads(curl(link, "-X", "POST", callback))["status"] == "installed"
-        replay = link.in_client("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", callback)
+        # 4. Install done: the callback, once, from the guest; the next boot is local.
+        assert link.in_client("curl", *status, "-X", "POST", callback).stdout == "403"
+        assert json.loads(cli(workdir, "host", "show", MAC))["status"] == "installing"
+        assert json.loads(curl(link, "--interface", GUEST_IP, "-X", "POST", callback))["status"] == "installed"
+        replay = link.in_client("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--interface", GUEST_IP,
+                                "-X", "POST", callback)
         assert replay.stdout == "403"
         assert "localboot 0" in tftp_get(link, workdir, "pxelinux.cfg/01-00-16-3e-12-34-56").decode()
 

@@ -42,7 +42,9 @@ def state(workdir: Path) -> tuple[list[str], list[tuple[str, str]]]:
 def test_profile_and_host_lifecycle(workdir: Path) -> None:
     run(workdir, "profile", "add", "deb", "--kernel", "images/deb/linux", "--initrd",
         "images/deb/initrd.gz", "--append", "console=hvc0", "--autoinstall", "debian-xen.cfg")
-    assert json.loads(run(workdir, "profile", "show", "deb").stdout)["autoinstall"] == "debian-xen.cfg"
+    assert json.loads(run(workdir, "profile", "show", "deb").stdout) == {
+        "name": "deb", "kernel": "images/deb/linux", "initrd": "images/deb/initrd.gz",
+        "append": "console=hvc0", "autoinstall": "debian-xen.cfg", "vars": {}}
     mac = run(workdir, "host", "add", "--hostname", "web1", "--profile", "deb").stdout.strip()
     assert mac.startswith("00:16:3e:")
     run(workdir, "host", "add", "--mac", "00-16-3E-AA-BB-CC", "--hostname", "web2", "--profile", "deb", "--ip", "10.0.0.20")
@@ -64,12 +66,49 @@ def test_domu_config_written_to_a_file(workdir: Path) -> None:
     run(workdir, "profile", "add", "deb", "--kernel", "k", "--initrd", "i")
     run(workdir, "host", "add", "--mac", "00:16:3e:aa:bb:cc", "--hostname", "web1", "--profile", "deb")
     run(workdir, "domu-config", "00:16:3E:AA:BB:CC", "--bridge", "br1", "--memory", "768",
-        "--disk", "phy:/dev/vg/web1,xvda,w", "-o", "web1.cfg")
+        "--disk", "phy:/dev/vg_domu/web1,xvda,w", "-o", "web1.cfg")
     values: dict[str, object] = {}
     exec((workdir / "web1.cfg").read_text(), {}, values)
     assert values["vif"] == ["mac=00:16:3e:aa:bb:cc,bridge=br1"]
     assert values["memory"] == 768 and values["bootloader"] == "/usr/local/bin/pypxeboot"
     assert values["bootloader_args"] == ["mac=00:16:3e:aa:bb:cc", "interface=br1"]
+    assert (values["name"], values["type"], values["vcpus"], values["disk"]) == (
+        "web1", "pv", 1, ["format=raw,vdev=xvda,access=rw,target=/dev/vg_domu/web1"])
+
+
+def test_disk_roots_come_from_the_config_file(workdir: Path) -> None:
+    with (workdir / "pxeserver.toml").open("a") as config:
+        config.write('[xen]\ndisk_roots = ["/srv/domu/"]\n')
+    run(workdir, "profile", "add", "deb", "--kernel", "k", "--initrd", "i")
+    run(workdir, "host", "add", "--mac", "00:16:3e:aa:bb:cc", "--hostname", "web1", "--profile", "deb",
+        "--disk", "/srv/domu/web1.qcow2,qcow2,xvda,rw")
+    refused = run(workdir, "host", "add", "--hostname", "web2", "--profile", "deb",
+                  "--disk", "/dev/vg_domu/web2", ok=False)
+    assert refused.returncode == 1 and "not under the allowed roots (/srv/domu/" in refused.stderr
+    shown = json.loads(run(workdir, "host", "show", "00:16:3e:aa:bb:cc").stdout)
+    assert shown["xen"]["disk"] == "format=qcow2,vdev=xvda,access=rw,target=/srv/domu/web1.qcow2"
+
+
+def test_show_masks_secret_variables(workdir: Path) -> None:
+    with (workdir / "pxeserver.toml").open("a") as config:
+        config.write('[api]\nsecret_vars = ["luks"]\n')
+    run(workdir, "profile", "add", "deb", "--kernel", "k", "--initrd", "i",
+        "--var", "Root_Password_Hash=$6$salt$hash", "--var", "suite=bookworm")
+    run(workdir, "host", "add", "--mac", "00:16:3e:aa:bb:cc", "--hostname", "web1", "--profile", "deb",
+        "--var", "luks=hunter2", "--var", "api_token=t0k", "--var", "ssh_key=ssh-ed25519 AAAA",
+        "--var", "timezone=Europe/Berlin")
+    profile = run(workdir, "profile", "show", "deb").stdout
+    host = run(workdir, "host", "show", "00:16:3e:aa:bb:cc").stdout
+    listings = profile + host + run(workdir, "host", "list").stdout + run(workdir, "profile", "list").stdout
+    for secret in ("$6$salt$hash", "hunter2", "t0k", "AAAA"):
+        assert secret not in listings
+    assert json.loads(profile)["vars"] == {"Root_Password_Hash": "********", "suite": "bookworm"}
+    assert json.loads(host)["vars"] == {"luks": "********", "api_token": "********",
+                                        "ssh_key": "********", "timezone": "Europe/Berlin"}
+    # Stored as given, for the templates.
+    with sqlite3.connect(workdir / "var" / "registry.db") as conn:
+        stored = json.loads(conn.execute("SELECT vars FROM hosts").fetchone()[0])
+    assert stored["luks"] == "hunter2" and stored["ssh_key"] == "ssh-ed25519 AAAA"
 
 
 def test_domu_config_pins_pxeserver_s_dhcp_and_names_the_configured_bootloader(workdir: Path) -> None:
@@ -110,6 +149,10 @@ BAD = [
     (["profile", "rm", "deb"], "used by 1 host"),
     (["profile", "rm", "ghost"], "no profile"),
     (["domu-config", "00:16:3e:aa:bb:cc", "--disk", "x']; evil = ['"], "xen.disk"),
+    (["domu-config", "00:16:3e:aa:bb:cc", "--disk", "phy:/dev/sda,xvda,w"], "not under the allowed roots"),
+    (["domu-config", "00:16:3e:aa:bb:cc", "--disk", "/dev/vg_domu/x,xvda,w,script=/tmp/x"], "'script' is not allowed"),
+    (["domu-config", "00:16:3e:aa:bb:cc", "--bridge", "br0 x"], "xen.bridge"),
+    (["host", "add", "--hostname", "x", "--profile", "deb", "--disk", "/dev/vg_domu/../sda"], "'..'"),
 ]
 
 
@@ -129,3 +172,18 @@ def test_broken_config_file_is_one_clear_line(workdir: Path) -> None:
     (workdir / "pxeserver.toml").write_text("[tftp]\nprot = 69\n")
     result = run(workdir, "host", "list", ok=False)
     assert result.returncode == 1 and "unknown key 'prot'" in result.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[xen]\ndisk_roots = ["dev/vg_domu/"]\n', "[xen] disk_roots must be absolute paths without '..', not 'dev/vg_domu/'"),
+    ('[xen]\ndisk_roots = ["/dev/vg_domu/../"]\n', "[xen] disk_roots"),
+    ('[http]\nautoinstall_trusted_networks = ["10.0.0.0/33"]\n', "[http] autoinstall_trusted_networks"),
+    ('[http]\nautoinstall_trusted_networks = [5]\n', "[http] autoinstall_trusted_networks"),
+    ('[server]\nevents_per_host = 0\n', "[server] events_per_host must be 1..1000000"),
+    ('[api]\nsecret_vars = [1]\n', "[api] secret_vars"),
+])
+def test_new_security_settings_are_checked(workdir: Path, text: str, message: str) -> None:
+    (workdir / "pxeserver.toml").write_text(text)
+    result = run(workdir, "host", "list", ok=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr

@@ -299,3 +299,21 @@ def test_garbage_and_floods_do_not_stop_the_service(start_server, link):
         sock.sendto(request("00:16:3e:12:34:57", "discover"), ("255.255.255.255", 67))
         got = receive(sock)
     assert got is not None and got[0].yiaddr == "10.77.0.11"
+
+
+def test_a_receive_loop_that_dies_says_why_and_keeps_the_error(link, config, caplog):
+    config.server.address, config.dhcp.interface = SERVER_IP, SERVER_IF
+    context = app.build(config)
+    service = DhcpService(context)
+    with inside(link.server_ns):
+        service.start()
+    try:
+        assert context.supervisor.wait(timeout=0.5) is None
+        service._sockets[0].close()  # the socket goes bad under the loop (as EBADF would)
+        failure = context.supervisor.wait(timeout=5)
+        assert failure is not None and failure.service == "dhcp"
+        assert isinstance(failure.error, (OSError, ValueError))
+        assert "dhcp failed: " in caplog.text
+    finally:
+        service.stop()
+        context.close()

@@ -17,14 +17,18 @@ from dnslib.server import BaseResolver, DNSHandler, DNSServer
 
 from pxeserver.app import Context
 from pxeserver.dns import DnsService, forward
+from pxeserver.dns.resolver import Forward
 
 BIG_TEXTS = 12  # 12 TXT strings of 60 bytes: about 900 bytes, more than 512, less than 1232
 
 
 class Outside(BaseResolver):
+    asked: list[str] = []  # every name the upstream was asked, across its UDP and TCP servers
+
     def resolve(self, request: DNSRecord, handler: DNSHandler) -> DNSRecord:
         reply = request.reply(ra=1, aa=0)  # a recursive resolver, not authoritative
         name = str(request.q.qname).lower()
+        self.asked.append(name)
         if name == "www.outside.test.":
             reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A("192.0.2.10"), ttl=300))
         elif name == "big.outside.test.":
@@ -148,3 +152,38 @@ def test_silent_upstream_cannot_pile_up_queries(ctx: Context) -> None:
             assert dig(service.port, f"pxe.{DOMAIN}").values() == ["127.0.0.1"]
         finally:
             service.stop()
+
+
+def test_only_allowed_clients_are_forwarded(ctx: Context, upstream_port: int) -> None:
+    """An open resolver answers anyone who reaches it; ours only forwards for its networks."""
+    ctx.config.dns.forward_clients = ["127.0.0.1/32"]
+    service = forwarding_service(ctx, f"127.0.0.1:{upstream_port}")
+    try:
+        Outside.asked.clear()
+        for transport in ("+notcp", "+tcp"):
+            refused = dig(service.port, "-b", "127.0.0.2", transport, "www.outside.test")
+            assert refused.status == "REFUSED" and refused.answer == []
+        assert Outside.asked == []  # nothing reached the upstream
+        # The zone itself is still answered for everyone.
+        assert dig(service.port, "-b", "127.0.0.2", f"pxe.{DOMAIN}").values() == ["127.0.0.1"]
+        for transport in ("+notcp", "+tcp"):
+            allowed = dig(service.port, "-b", "127.0.0.1", transport, "www.outside.test")
+            assert allowed.status == "NOERROR" and allowed.values() == ["192.0.2.10"]
+        assert Outside.asked == ["www.outside.test."] * 2
+    finally:
+        service.stop()
+
+
+def test_forward_clients_default_to_the_dhcp_subnet_and_loopback(ctx: Context,
+                                                                 upstream_port: int) -> None:
+    ctx.config.dhcp.subnet = "10.9.0.0/24"
+    service = forwarding_service(ctx, f"127.0.0.1:{upstream_port}")
+    try:
+        resolver = service._resolver
+        query = bytes(DNSRecord.question("www.outside.test").pack())
+        assert isinstance(resolver.respond(query, False, "10.9.0.7"), Forward)
+        assert isinstance(resolver.respond(query, False, "127.0.0.9"), Forward)
+        refused = resolver.respond(query, False, "10.9.1.7")
+        assert isinstance(refused, bytes) and refused[3] & 0x0F == RCODE.REFUSED
+    finally:
+        service.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import selectors
 import socket
 import struct
 import time
@@ -237,3 +238,76 @@ def test_udp_loop_keeps_answering_while_tcp_clients_stall(small_tcp_limits: DnsS
     finally:
         for sock in stalled:
             sock.close()
+
+
+def close_times(socks: list[socket.socket], within: float) -> dict[socket.socket, float]:
+    """When the server closed each socket it closed within ``within`` seconds from now."""
+    closed: dict[socket.socket, float] = {}
+    deadline = time.monotonic() + within
+    with selectors.DefaultSelector() as selector:
+        for sock in socks:
+            selector.register(sock, selectors.EVENT_READ)
+        while len(closed) < len(socks) and (left := deadline - time.monotonic()) > 0:
+            for key, _ in selector.select(timeout=left):
+                sock = key.fileobj
+                try:
+                    data = sock.recv(1)
+                except ConnectionResetError:
+                    data = b""
+                if data == b"":
+                    closed[sock] = time.monotonic()
+                    selector.unregister(sock)
+    return closed
+
+
+@pytest.mark.slow
+def test_slow_tcp_clients_cannot_lock_out_others(dns: DnsService) -> None:
+    """200 clients on four addresses each send one byte of a length prefix and stall: each
+    address keeps only its share of places, dig over TCP from another address is answered at
+    once, and the stalled places are freed by the query deadline."""
+    port = dns.port
+    stalled: dict[socket.socket, float] = {}  # when each sent its one byte
+    try:
+        for number in range(200):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            stalled[sock] = time.monotonic()
+            sock.bind((f"127.0.0.{2 + number % 4}", 0))
+            sock.settimeout(3)
+            sock.connect(("127.0.0.1", port))
+            try:
+                sock.sendall(b"\x00")
+            except OSError:  # already refused: its address has all its places
+                pass
+        closed = close_times(list(stalled), within=0.5)  # those refused at once
+        started = time.monotonic()
+        assert dig(port, "+tcp", f"pxe.{DOMAIN}").values() == ["127.0.0.1"]
+        assert time.monotonic() - started < 1.0
+        held = [sock for sock in stalled if sock not in closed]
+        closed.update(close_times(held, within=service.TCP_QUERY_TIMEOUT + 3.0))
+        assert len(closed) == len(stalled)  # nothing stays open
+        waited = sorted(closed[sock] - sent for sock, sent in stalled.items())
+        # Refused beyond the per-address cap; the others held, then closed by the deadline
+        # (which cannot come sooner than TCP_QUERY_TIMEOUT after the byte was sent; the
+        # selector looks at deadlines once a second).
+        turned_away = [t for t in waited if t < service.TCP_QUERY_TIMEOUT]
+        assert len(turned_away) == 200 - 4 * service.MAX_TCP_PER_CLIENT
+        assert waited[-1] < service.TCP_QUERY_TIMEOUT + 2.0
+        assert dig(port, "+tcp", f"pxe.{DOMAIN}").values() == ["127.0.0.1"]
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_serving_loop_that_dies_says_why_and_keeps_the_error(
+        dns: DnsService, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    supervisor = dns._context.supervisor
+    assert supervisor.wait(timeout=0.5) is None
+
+    def broken(_connections: object) -> None:  # a bug in the TCP loop's own bookkeeping
+        raise RuntimeError("bookkeeping bug")
+
+    monkeypatch.setattr(dns, "_expire", broken)
+    failure = supervisor.wait(timeout=5)  # the TCP loop looks at its deadlines every second
+    assert failure is not None and failure.service == "dns" and isinstance(failure.error, RuntimeError)
+    assert "dns failed: RuntimeError: bookkeeping bug" in caplog.text
+    still_answers(dns.port)  # UDP is another thread; a supervisor decides what happens next

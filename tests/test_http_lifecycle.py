@@ -52,9 +52,10 @@ def pxelinux_file(ctx: Context) -> str:
 
 
 def register(base: str) -> None:
+    """The host, registered at 127.0.0.1: curl and the kickstart's own callback line run here."""
     assert post_json(f"{base}/api/profiles", json.dumps(PROFILE)).status == 201
     added = post_json(f"{base}/api/hosts", json.dumps(
-        {"mac": "00-16-3E-12-34-56", "hostname": "web1", "profile": "centos5"}))
+        {"mac": "00-16-3E-12-34-56", "hostname": "web1", "profile": "centos5", "ip": "127.0.0.1"}))
     assert added.status == 201, added.text
 
 

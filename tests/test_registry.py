@@ -93,7 +93,7 @@ def test_schema_is_versioned_and_reopening_keeps_data(tmp_path) -> None:
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert SqliteStore(path).get_profile("deb").kernel == "images/deb/linux"
+    assert SqliteStore(path).list_profiles() == [_profile()]
 
 
 def test_a_newer_schema_is_refused_not_damaged(tmp_path) -> None:

@@ -7,8 +7,6 @@ as an unknown type, count as failures too). Then the hostile-template and hostil
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import logging
 import re
 import subprocess
@@ -20,6 +18,7 @@ import pytest
 from http_support import MAC, curl, running
 
 from pxeserver.app import Context
+from pxeserver.registry.models import HostChanges
 
 KSVALIDATOR = str(Path(sys.executable).parent / "ksvalidator")
 FULL_VARS = {
@@ -59,8 +58,9 @@ TEMPLATES = {
 def serve_template(ctx: Context, template: str, host_vars: dict, profile_vars: dict | None = None) -> str:
     ctx.provisioning.add_profile({"name": "p", "kernel": "k", "initrd": "i", "autoinstall": template,
                                   "vars": profile_vars or {}})
+    # At 127.0.0.1, where curl fetches its file from.
     host = ctx.provisioning.add_host({"mac": MAC, "hostname": "web1.domu.example", "profile": "p",
-                                      "ip": "10.0.0.5", "vars": host_vars})
+                                      "ip": "127.0.0.1", "vars": host_vars})
     prefix = TEMPLATES[template][0] if template in TEMPLATES else "ks"
     with running(ctx):
         reply = curl(f"{ctx.config.http_base_url}/{prefix}/{host.mac.dashed}")
@@ -126,10 +126,10 @@ def test_template_failures_are_500_with_the_cause_only_in_the_log(
     (own_templates / "bad.ks").write_text(source)
     caplog.set_level(logging.ERROR, logger="pxeserver.web.files")
     ctx.provisioning.add_profile({"name": "p", "kernel": "k", "initrd": "i", "autoinstall": "bad.ks"})
-    host = ctx.provisioning.add_host({"mac": MAC, "hostname": "web1", "profile": "p"})
+    host = ctx.provisioning.add_host({"mac": MAC, "hostname": "web1", "profile": "p", "ip": "127.0.0.1"})
     # The API refuses such a value (400); written straight into the store, as by an older
     # release, it must still never reach the rendered file.
-    ctx.store.update_host(replace(host, vars={"injected": "x\n%post\nrm -rf /\n%end"}))
+    ctx.store.update_host(host.mac, HostChanges(fields={"vars": {"injected": "x\n%post\nrm -rf /\n%end"}}))
     with running(ctx):
         reply = curl(f"{ctx.config.http_base_url}/ks/{host.mac}")
     assert reply.status == 500
@@ -146,3 +146,59 @@ def test_host_and_profile_values_are_data_not_templates(ctx: Context, own_templa
     assert host_text == (
         f"web1.domu.example|{payload}|{payload}|'; reboot; '|''\"'\"'; reboot; '\"'\"''\n"
     )
+
+
+HOSTILE_VARS = {
+    "timezone": "UTC --isUtc --nontp; reboot #",
+    "mirror": "http://mirror.example/os/ --proxy=http://evil.example/",
+    "root_password_hash": "x' --plaintext 'y",
+    "ssh_key": 'ssh-ed25519 AAAA x" --username=attacker "$(reboot)',
+}
+
+
+@pytest.mark.parametrize("template, version", [("centos5-xen-pv.ks", "RHEL5"), ("fedora-xen-pvh.ks", "F40")])
+def test_hostile_vars_stay_one_value_each(ctx: Context, tmp_path: Path, template: str, version: str) -> None:
+    """Each var is one argument of its command, as pykickstart (anaconda's parser) reads it."""
+    from pykickstart.parser import KickstartParser
+    from pykickstart.version import makeVersion
+
+    text = serve_template(ctx, template, HOSTILE_VARS)
+    validate([KSVALIDATOR, "-v", version], text, tmp_path)
+    handler = makeVersion(version)
+    KickstartParser(handler).readKickstartFromString(text)
+    assert handler.timezone.timezone == HOSTILE_VARS["timezone"] and handler.timezone.isUtc
+    assert not getattr(handler.timezone, "nontp", False)
+    assert handler.url.url == HOSTILE_VARS["mirror"] and not getattr(handler.url, "proxy", None)
+    assert handler.rootpw.password == HOSTILE_VARS["root_password_hash"] and handler.rootpw.isCrypted
+    if template.startswith("fedora"):
+        (key,) = handler.sshkey.sshUserList
+        assert (key.username, key.key) == ("root", HOSTILE_VARS["ssh_key"])
+    post = text.split("%post", 1)[1]
+    assert "reboot #" not in post and "evil.example" not in post and "$(reboot)" not in post
+
+
+@pytest.mark.parametrize("selinux", [
+    "permissive/' /etc/selinux/config; touch /tmp/pwned; echo '",
+    "disabled/e",  # GNU sed's e flag runs the pattern space as a command
+    "Permissive",
+])
+def test_selinux_outside_its_three_modes_is_never_written(
+        ctx: Context, caplog: pytest.LogCaptureFixture, selinux: str) -> None:
+    caplog.set_level(logging.ERROR, logger="pxeserver.web.files")
+    ctx.provisioning.add_profile({"name": "p", "kernel": "k", "initrd": "i", "autoinstall": "centos5-xen-pv.ks"})
+    host = ctx.provisioning.add_host({"mac": MAC, "hostname": "web1", "profile": "p", "ip": "127.0.0.1",
+                                      "vars": {"selinux": selinux}})
+    with running(ctx):
+        reply = curl(f"{ctx.config.http_base_url}/ks/{host.mac}")
+    assert reply.status == 500 and selinux not in reply.text and "%post" not in reply.text
+    assert "UnsafeValue" in caplog.text and "enforcing, permissive, disabled" in caplog.text
+
+
+def test_the_preseeds_take_values_as_data(ctx: Context, tmp_path: Path) -> None:
+    """debconf reads a value to the end of its line: no quoting, and no line can be added."""
+    hostile = {"mirror_host": "deb.example.org; reboot", "timezone": "Etc/UTC --x", "suite": "$(reboot)"}
+    text = serve_template(ctx, "debian-xen.cfg", hostile)
+    validate(["debconf-set-selections", "--checkonly"], text, tmp_path)
+    assert "d-i mirror/http/hostname string deb.example.org; reboot\n" in text
+    late = next(line for line in text.splitlines() if line.startswith("d-i preseed/late_command"))
+    assert "reboot" not in late

@@ -1,4 +1,4 @@
-"""The shared packet cache: a changed file is never sent stale or mixed, and the cache stays bounded.
+"""The shared file memory: a changed file is never sent stale or mixed, and memory stays bounded.
 
 Files younger than the cache's racy window are not shared, so these tests age a file by
 waiting that long: what a real boot file served all day looks like.
@@ -16,7 +16,7 @@ import pytest
 
 from pxeserver.app import Context
 from pxeserver.tftp import TftpService
-from pxeserver.tftp.cache import RACY_SECONDS, PacketCache, Packets, charge
+from pxeserver.tftp.cache import ENTRY_OVERHEAD, RACY_SECONDS, FileMemory, Packets, Slices
 from tftp_support import client  # noqa: F401 (a fixture)
 from tftp_support import RawClient, ack, request, running
 
@@ -47,15 +47,15 @@ def test_file_replaced_in_place_is_sent_new_even_with_its_old_mtime(ctx: Context
     age()
     assert curl(service.port, "pxelinux.0") == old
     assert curl(service.port, "pxelinux.0") == old
-    assert len(service.packet_cache) == 1
+    assert len(service.file_memory) == 2  # the file's snapshot and its packets at blksize 1468
     mtime = path.stat().st_mtime_ns
     path.write_bytes(new)  # same inode, same size, and (like cp -p) the same mtime
     os.utime(path, ns=(mtime, mtime))
     assert curl(service.port, "pxelinux.0") == new
     age()
-    assert curl(service.port, "pxelinux.0") == new  # now shared again: a second cache entry
+    assert curl(service.port, "pxelinux.0") == new  # now shared again: a second snapshot
     assert curl(service.port, "pxelinux.0") == new
-    assert len(service.packet_cache) == 2
+    assert len(service.file_memory) == 4
 
 
 @pytest.mark.slow
@@ -86,12 +86,12 @@ def test_blocks_past_65535_roll_over_in_cached_packets(ctx: Context, service: Tf
     (ctx.config.tftp_root / "wraps").write_bytes(payload)
     age()
     assert curl(service.port, "wraps", 8) == payload
-    assert len(service.packet_cache) == 1
+    assert len(service.file_memory) == 2
 
 
 @pytest.mark.slow
 def test_the_cache_stays_within_its_configured_size(ctx: Context) -> None:
-    ctx.config.tftp.packet_cache_mb = 1  # room for two of these files at blksize 1468
+    ctx.config.tftp.packet_cache_mb = 1  # room for two of these files at blksize 1468, not three
     files = {f"file{index}": os.urandom(200_000) for index in range(3)}
     for name, payload in files.items():
         (ctx.config.tftp_root / name).write_bytes(payload)
@@ -99,26 +99,50 @@ def test_the_cache_stays_within_its_configured_size(ctx: Context) -> None:
     with running(ctx) as service:
         for name, payload in files.items():
             assert curl(service.port, name) == payload
-        assert len(service.packet_cache) == 2
-        assert service.packet_cache.charged <= 1 << 20
+        assert len(service.file_memory) < 6  # not every snapshot and packet list stayed
+        assert service.file_memory.charged <= 1 << 20
         assert curl(service.port, "file0") == files["file0"]  # evicted, read again
+        assert service.file_memory.charged <= 1 << 20
 
 
-def test_least_recently_used_goes_first_and_no_entry_takes_over_half() -> None:
-    size, blksize = 10_000, 512
-    cache = PacketCache(3 * charge(size, blksize) + 100)
-    versions = [(1, inode, size, 0, 0) for inode in range(4)]
-    for version in versions[:3]:
-        cache.add(version, blksize, Packets(os.urandom(size), blksize))
-    assert cache.get(versions[0], blksize) is not None  # now the most recently used
-    cache.add(versions[3], blksize, Packets(os.urandom(size), blksize))
-    assert cache.get(versions[1], blksize) is None
-    assert all(cache.get(version, blksize) is not None for version in (versions[0], versions[2], versions[3]))
-    assert cache.charged <= cache.capacity
-    huge = 2 * size
-    assert not cache.admits(huge, blksize)
-    cache.add((1, 9, huge, 0, 0), blksize, Packets(os.urandom(huge), blksize))
-    assert cache.get((1, 9, huge, 0, 0), blksize) is None and len(cache) == 3
+def test_least_recently_used_idle_entry_goes_first_and_none_takes_over_half() -> None:
+    size = 1000
+    memory = FileMemory(3 * (size + ENTRY_OVERHEAD))
+    for key in "abc":
+        assert memory.add(key, key, size)
+        memory.release(key)  # idle, still kept for the next transfer
+    assert memory.hold("a") == "a"  # now the most recently used, and in use
+    memory.release("a")
+    assert memory.add("d", "d", size)
+    assert memory.hold("b") is None  # the least recently used went
+    assert all(memory.hold(key) == key for key in "acd")
+    assert memory.charged == memory.capacity
+    half = memory.capacity // 2 - ENTRY_OVERHEAD
+    assert not memory.room_for(half + 1) and not memory.add("huge", "huge", half + 1)
+
+
+def test_entries_in_use_are_never_evicted_and_what_does_not_fit_is_not_made() -> None:
+    size = 1000
+    memory = FileMemory(3 * (size + ENTRY_OVERHEAD))
+    assert memory.add("snapshot", "bytes", size)
+    assert memory.add("packets", "list", size, parent="snapshot")
+    memory.release("snapshot")  # the transfer lets go; its packets still hold the snapshot
+    assert memory.add("other", "x", size)  # held by a transfer
+    assert not memory.add("more", "y", size)  # full of entries in use: refused, not over the cap
+    assert memory.charged == memory.capacity
+    memory.release("packets")  # now idle: packets go first, then the snapshot they held
+    assert memory.add("more", "y", size) and memory.add("more2", "z", size)
+    assert memory.hold("packets") is None and memory.hold("snapshot") is None
+    assert memory.charged == memory.capacity
+
+
+def test_a_private_entry_is_charged_until_its_transfer_ends() -> None:
+    memory = FileMemory(3 * (1000 + ENTRY_OVERHEAD))
+    private = object()
+    assert memory.add(private, b"bytes", 1000, shared=False)
+    assert memory.charged == 1000 + ENTRY_OVERHEAD and len(memory) == 0 and memory.hold(private) is None
+    memory.release(private)
+    assert memory.charged == 0
 
 
 def test_packets_are_the_file_in_blocks_with_16_bit_numbers() -> None:
@@ -128,3 +152,5 @@ def test_packets_are_the_file_in_blocks_with_16_bit_numbers() -> None:
     assert b"".join(packets.get(block)[4:] for block in range(1, 5)) == data
     assert packets.get(4) == b"\x00\x03\x00\x04"
     assert Packets(bytes(70_000 * 8), 8).get(65_537)[:4] == b"\x00\x03\x00\x01"
+    slices = Slices(data, 512)
+    assert slices.count == 4 and all(slices.get(block) == packets.get(block) for block in range(1, 5))

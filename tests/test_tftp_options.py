@@ -122,7 +122,8 @@ def test_40_mb_at_512_byte_blocks_rolls_over(ctx: Context, service: TftpService,
     assert (tmp_path / "tftpy.img").read_bytes() == payload
 
 
-@pytest.mark.parametrize("key, value", [("max_blksize", 4), ("max_windowsize", 0), ("timeout", 0), ("max_sessions", 0)])
+@pytest.mark.parametrize("key, value", [("max_blksize", 4), ("max_windowsize", 0), ("timeout", 0), ("max_sessions", 0),
+                                        ("max_timeout", 256), ("session_deadline", 0), ("max_sessions_per_subnet", 0)])
 def test_tftp_limits_out_of_range_are_a_config_error(tmp_path: Path, key: str, value: int) -> None:
     from pxeserver import config
 

@@ -40,6 +40,8 @@ def test_2000_concurrent_sessions(ctx: Context) -> None:
             sock.sendto(ack(1), tid)
         for sock, tid in opened:
             reply, _ = sock.recvfrom(1024)
+            while reply[:4] == b"\x00\x03\x00\x01":  # a resend that crossed our ACK on a loaded machine
+                reply, _ = sock.recvfrom(1024)
             assert reply == b"\x00\x03\x00\x02" + payload[512:]
             sock.sendto(ack(2), tid)
             sock.close()

@@ -61,7 +61,7 @@ class Responder:
         if config.dhcp.router:
             excluded.add(config.dhcp.router)
         self.leases = LeaseManager(context.store, config.dhcp.pool_start, config.dhcp.pool_end,
-                                   excluded, self.subnet)
+                                   excluded, self.subnet, config.dhcp.unknown_pool_share)
         dns = [self.server_ip] if config.dns.enabled else list(config.dhcp.dns_servers)
         # Options every address-granting reply carries, encoded once.
         self._common: dict[int, bytes] = {
@@ -95,11 +95,12 @@ class Responder:
             return None
         if self.proxy:
             return self._proxy(packet, mac, host, source, local_port == PXE_PORT)
-        return self._full(packet, mac, host)
+        return self._full(packet, mac, host, source)
 
     # -- full mode ------------------------------------------------------------------------
 
-    def _full(self, packet: Packet, mac: MacAddress, host: Host | None) -> Reply | None:
+    def _full(self, packet: Packet, mac: MacAddress, host: Host | None,
+              source: tuple[str, int]) -> Reply | None:
         kind = packet.message_type
         if kind == MessageType.DISCOVER:
             ip = self._address(mac, host, packet.ip_option(Option.REQUESTED_IP))
@@ -114,9 +115,29 @@ class Responder:
         elif kind == MessageType.RELEASE:
             self.leases.release(mac, packet.ciaddr)
             self._record(host, mac, f"RELEASE of {packet.ciaddr}")
-        elif kind == MessageType.INFORM and packet.ciaddr != codec.ZERO_IP:
+        elif kind == MessageType.INFORM and self._may_inform(packet, mac, host, source[0]):
             return self._grant(packet, mac, host, MessageType.ACK, None)
         return None
+
+    def _may_inform(self, packet: Packet, mac: MacAddress, host: Host | None,
+                    source_ip: str) -> bool:
+        """RFC 2131 4.3.5 sends the ACK to ciaddr, so anyone could aim it at any address.
+
+        Answer only an address in our subnet that is the sender's own: the packet's source,
+        or the MAC's reservation or lease. A relayed INFORM is answered through the relay.
+        """
+        ciaddr = packet.ciaddr
+        if ciaddr == codec.ZERO_IP or not self._in_subnet(ciaddr):
+            log.debug("dhcp: INFORM from %s for %s outside %s dropped", mac, ciaddr, self.subnet)
+            return False
+        if packet.giaddr != codec.ZERO_IP or ciaddr == source_ip:
+            return True
+        if host is not None and host.ip == ciaddr:
+            return True
+        if self.leases.leased_ip(mac) == ciaddr:
+            return True
+        log.debug("dhcp: INFORM from %s names %s but came from %s: dropped", mac, ciaddr, source_ip)
+        return False
 
     def _request(self, packet: Packet, mac: MacAddress, host: Host | None) -> Reply | None:
         server_id = packet.ip_option(Option.SERVER_ID)
@@ -131,7 +152,7 @@ class Responder:
         if host is not None and host.ip:
             granted = requested == host.ip and self._in_subnet(requested)
         else:
-            granted = self.leases.bind(mac, requested, self.dhcp.lease_time)
+            granted = self.leases.bind(mac, requested, self.dhcp.lease_time, host is not None)
         if not granted:
             self._record(host, mac, f"NAK for {requested}")
             return self._nak(packet, f"{requested} is not your address on {self.subnet}")
@@ -145,8 +166,9 @@ class Responder:
         if host is not None and host.ip == declined:
             log.warning("%s declined its reserved address %s: another machine is using it",
                         mac, declined)
-        else:
-            self.leases.decline(mac, declined)
+        elif not self.leases.decline(mac, declined, host is not None):
+            log.debug("dhcp: DECLINE of %s from %s, which was not given it: ignored", declined, mac)
+            return
         self._record(host, mac, f"DECLINE of {declined}: address in use by another machine")
 
     def _address(self, mac: MacAddress, host: Host | None, hint: str | None) -> str | None:
@@ -155,7 +177,7 @@ class Responder:
                 return host.ip
             log.error("host %s has IP %s outside the DHCP subnet %s", mac, host.ip, self.subnet)
             return None
-        return self.leases.offer(mac, hint)
+        return self.leases.offer(mac, hint, host is not None)
 
     def _grant(self, packet: Packet, mac: MacAddress, host: Host | None, kind: MessageType,
                ip: str | None) -> Reply:

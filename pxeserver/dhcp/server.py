@@ -93,6 +93,7 @@ class DhcpService:
         self._sockets: list[socket.socket] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Why the receive loop ended on its own; None while it runs or after a clean stop.
 
     def start(self) -> None:
         ports = [self.section.port] + ([PXE_PORT] if self.section.mode == "proxy" else [])
@@ -108,7 +109,8 @@ class DhcpService:
                         self.section.address, self.section.interface)
         self._stop.clear()
         self.status.worker.start()
-        self._thread = threading.Thread(target=self._serve, name="dhcp", daemon=True)
+        self._thread = threading.Thread(
+            target=self.context.supervisor.guard(self._serve, self.name), name="dhcp", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -146,8 +148,10 @@ class DhcpService:
         while not self._stop.is_set():
             try:
                 ready, _, _ = select.select(self._sockets, [], [], POLL_SECONDS)
-            except (OSError, ValueError):  # sockets closed under us by stop()
-                return
+            except (OSError, ValueError):  # a socket closed under us: fatal unless stopping
+                if self._stop.is_set():
+                    return
+                raise
             for sock in ready:
                 local_port = sock.getsockname()[1]
                 for _ in range(BURST_PER_CALL):

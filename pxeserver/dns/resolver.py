@@ -17,9 +17,11 @@ once that millisecond is over, which no client can tell from "immediately".
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from dnslib import CLASS, OPCODE, QTYPE, RCODE, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, EDNS0
@@ -253,10 +255,14 @@ def assemble(query: bytes, question: Question, answer: Answer, authoritative: bo
 class Resolver:
     """Answers queries from the current zone snapshot, rebuilding it when the registry changes."""
 
-    def __init__(self, policy: BootPolicy, settings: ZoneSettings, forwarding: bool) -> None:
+    def __init__(self, policy: BootPolicy, settings: ZoneSettings,
+                 forward_clients: Sequence[ipaddress.IPv4Network] = ()) -> None:
+        """``forward_clients``: the networks whose queries outside the zone go upstream;
+        empty when no upstream is configured. Anyone else is REFUSED, so the server is no
+        open resolver for whoever reaches it."""
         self._policy = policy
         self._settings = settings
-        self._forwarding = forwarding
+        self._forward_clients = tuple(forward_clients)
         self._lock = threading.Lock()
         self._zone = self._build()
         self._next_check = time.monotonic() + CHECK_INTERVAL
@@ -276,8 +282,9 @@ class Resolver:
             self._next_check = time.monotonic() + CHECK_INTERVAL
         return zone
 
-    def respond(self, query: bytes, tcp: bool) -> bytes | Forward | None:
-        """The reply, a query to forward, or None to drop the message."""
+    def respond(self, query: bytes, tcp: bool, client: str) -> bytes | Forward | None:
+        """The reply, a query to forward, or None to drop the message; ``client`` is the
+        sender's IPv4 address."""
         zone = self.zone()
         parsed = parse_plain(query) or parse_with_dnslib(query)
         if not isinstance(parsed, tuple):
@@ -295,8 +302,17 @@ class Resolver:
         answer = zone.lookup(question.name, question.qtype) if in_class else None
         authoritative = answer is not None
         if answer is None:
-            if in_class and self._forwarding:
+            if in_class and self._may_forward(client):
                 return Forward(query, limit)
             answer = _REFUSED
         opt = b"" if edns is None else _OPT[edns.do]
         return assemble(query, question, answer, authoritative, opt, limit)
+
+    def _may_forward(self, client: str) -> bool:
+        if not self._forward_clients:
+            return False
+        try:
+            address = ipaddress.IPv4Address(client)
+        except ValueError:
+            return False
+        return any(address in network for network in self._forward_clients)

@@ -7,17 +7,22 @@ a thread forever. Here the bounds are:
 - UDP: one thread, which waits in ``select`` and then drains up to ``UDP_BATCH`` datagrams
   without blocking. A pure-Python answer takes microseconds, so more threads would only fight
   over the GIL; the socket's receive buffer absorbs bursts.
-- TCP (RFC 7766): one thread with a selector, at most ``MAX_TCP_CONNECTIONS`` connections
-  (more are closed at once), each closed after ``TCP_IDLE_TIMEOUT`` seconds without a complete
-  query; several queries may be pipelined on one connection, and a connection whose client does
-  not read its answers stops being read once ``MAX_TCP_BACKLOG`` bytes wait to be sent.
-- Forwarding: a fixed pool of threads with a bounded number of queries in flight
-  (:mod:`pxeserver.dns.forward`), so a slow upstream never stalls local answers.
+- TCP (RFC 7766): one thread with a selector, at most ``MAX_TCP_CONNECTIONS`` connections and
+  ``MAX_TCP_PER_CLIENT`` from one address (more are closed at once), so slow clients on one
+  address cannot take every place. A connection is closed after ``TCP_IDLE_TIMEOUT`` seconds
+  without a complete query, and a query whose first byte has arrived must be complete within
+  ``TCP_QUERY_TIMEOUT`` seconds, so a byte now and then holds no place. Several queries may be
+  pipelined on one connection, and a connection whose client does not read its answers stops
+  being read once ``MAX_TCP_BACKLOG`` bytes wait to be sent.
+- Forwarding: only for clients in ``[dns] forward_clients`` (by default the DHCP subnet and
+  loopback; others get REFUSED), on a fixed pool of threads with a bounded number of queries
+  in flight (:mod:`pxeserver.dns.forward`), so a slow upstream never stalls local answers.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import queue
 import selectors
@@ -39,7 +44,10 @@ UDP_BATCH = 256  # datagrams handled per wake-up before looking at the stop sign
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 MAX_DATAGRAM = 4096  # longer datagrams are cut here and then fail to parse: FORMERR
 MAX_TCP_CONNECTIONS = 128
-TCP_IDLE_TIMEOUT = 10.0
+MAX_TCP_PER_CLIENT = 16
+TCP_IDLE_TIMEOUT = 10.0  # seconds a connection may wait for its next query
+TCP_QUERY_TIMEOUT = 2.0  # seconds from a query's first byte to its last
+LOOPBACK = "127.0.0.0/8"
 MAX_TCP_BACKLOG = 256 * 1024
 BIND_ATTEMPTS = 20  # port 0: UDP picks a port, TCP must get the same one
 
@@ -47,8 +55,10 @@ BIND_ATTEMPTS = 20  # port 0: UDP picks a port, TCP must get the same one
 @dataclass(eq=False)
 class _Connection:
     sock: socket.socket
+    address: str
     deadline: float
     received: bytearray = field(default_factory=bytearray)
+    partial: bool = False  # part of a query has arrived: TCP_QUERY_TIMEOUT runs
     unsent: bytearray = field(default_factory=bytearray)
 
 
@@ -62,6 +72,7 @@ class DnsService:
         self._forwarder: Forwarder | None = None
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._per_client: dict[str, int] = {}  # open TCP connections by client address
         self._finished: queue.SimpleQueue[tuple[_Connection, bytes]] = queue.SimpleQueue()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -75,13 +86,16 @@ class DnsService:
         except ValueError as exc:
             raise OSError(errno.EINVAL, f"[dns] domain or upstream: {exc}") from None
         settings = ZoneSettings(domain, config.advertised_address, config.dhcp.subnet)
-        self._resolver = Resolver(self._context.policy, settings, self._forwarder is not None)
+        clients = config.dns.forward_clients or [config.dhcp.subnet, LOOPBACK]
+        networks = [ipaddress.IPv4Network(n) for n in clients] if self._forwarder else []
+        self._resolver = Resolver(self._context.policy, settings, networks)
         self._udp, self._tcp = self._bind(config.dns.port)
         self.port = self._udp.getsockname()[1]
         self._udp_wake = socket.socketpair()
         self._tcp_wake = socket.socketpair()
         for target, name in ((self._serve_udp, "dns-udp"), (self._serve_tcp, "dns-tcp")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread = threading.Thread(
+                target=self._context.supervisor.guard(target, self.name), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
         log.info("dns: authoritative for %s on %s", domain, ", ".join(self.endpoints()))
@@ -141,7 +155,7 @@ class DnsService:
                     except OSError:  # an ICMP error from an earlier reply: nothing to do
                         continue
                     try:
-                        reply = respond(query, False)
+                        reply = respond(query, False, client[0])
                     except Exception:  # a bug for one query must not stop the next client
                         log.exception("dns: no answer for a query from %s:%d", *client)
                         continue
@@ -184,18 +198,20 @@ class DnsService:
     def _accept(self, connections: dict[socket.socket, _Connection]) -> None:
         for _ in range(MAX_TCP_CONNECTIONS):
             try:
-                sock, _address = self._tcp.accept()
+                sock, (address, _port) = self._tcp.accept()
             except BlockingIOError:
                 return
             except OSError as exc:  # out of file descriptors, or the client gave up already
                 log.debug("dns: accept failed: %s", exc)
                 return
-            if len(connections) >= MAX_TCP_CONNECTIONS:
+            held = self._per_client.get(address, 0)
+            if len(connections) >= MAX_TCP_CONNECTIONS or held >= MAX_TCP_PER_CLIENT:
                 sock.close()  # full: the client falls back to UDP or retries later
                 continue
             sock.setblocking(False)
-            connection = _Connection(sock, time.monotonic() + TCP_IDLE_TIMEOUT)
+            connection = _Connection(sock, address, time.monotonic() + TCP_IDLE_TIMEOUT)
             connections[sock] = connection
+            self._per_client[address] = held + 1
             self._selector.register(sock, selectors.EVENT_READ)
 
     def _service(self, connection: _Connection, events: int,
@@ -208,6 +224,10 @@ class DnsService:
                     return
                 connection.received += data
             self._answer_complete_queries(connection)  # also those paused by a full backlog
+            if connection.received and not connection.partial:
+                connection.partial = True
+                connection.deadline = min(connection.deadline,
+                                          time.monotonic() + TCP_QUERY_TIMEOUT)
             self._flush(connection)
         except OSError:
             self._close(connection, connections)
@@ -221,7 +241,7 @@ class DnsService:
             query = bytes(buffer[2:2 + length])
             del buffer[:2 + length]
             try:
-                reply = self._resolver.respond(query, True)
+                reply = self._resolver.respond(query, True, connection.address)
             except Exception:  # a bug for one query must not stop the next client
                 log.exception("dns: no answer for a TCP query")
                 continue
@@ -230,6 +250,7 @@ class DnsService:
             # Only an answered query extends the connection's life, so neither a trickle of
             # bytes nor a stream of empty messages holds a place forever.
             connection.deadline = time.monotonic() + TCP_IDLE_TIMEOUT
+            connection.partial = False
             if isinstance(reply, Forward):
                 self._forward(reply, lambda answer: self._forwarded(connection, answer))
             else:
@@ -272,7 +293,12 @@ class DnsService:
 
     def _close(self, connection: _Connection,
                connections: dict[socket.socket, _Connection]) -> None:
-        connections.pop(connection.sock, None)
+        if connections.pop(connection.sock, None) is not None:
+            left = self._per_client[connection.address] - 1
+            if left:
+                self._per_client[connection.address] = left
+            else:
+                del self._per_client[connection.address]
         try:
             self._selector.unregister(connection.sock)
         except (KeyError, ValueError):

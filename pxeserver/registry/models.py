@@ -9,8 +9,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from dataclasses import dataclass, field, replace
+import secrets
+from dataclasses import dataclass, field
 from enum import Enum
+from collections.abc import Collection
 from typing import Any
 
 from pxeserver.mac import InvalidMac, MacAddress
@@ -41,6 +43,11 @@ _TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _BRIDGE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 MAX_VARS_BYTES = 64 * 1024
+# Template variables never shown by the API or the CLI (besides those the user lists in
+# [api] secret_vars); templates still get their values. Matched anywhere in the name.
+SECRET_VAR = re.compile(r"password|passwd|passphrase|secret|token|key|credential", re.IGNORECASE)
+MASK = "********"
+_ABSENT = object()
 
 
 def _string(data: dict[str, Any], key: str, *, required: bool = False, default: str = "") -> str:
@@ -147,7 +154,8 @@ def validate_append(value: str) -> str:
     return " ".join(words)
 
 
-def validate_vars(value: object, key: str = "vars") -> dict[str, Any]:
+def validate_vars(value: object, key: str = "vars", keep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Checked template variables; a value sent back as the mask means "keep ``keep``'s"."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -158,9 +166,41 @@ def validate_vars(value: object, key: str = "vars") -> dict[str, Any]:
                 f"invalid variable name {name!r} in {key}: use letters, digits and '_'"
             )
     _check_var_values(value, key)
+    value = _unmasked(value, keep if keep is not None else _ABSENT, key)
     if len(json.dumps(value)) > MAX_VARS_BYTES:
         raise ValidationError(f"{key} is larger than {MAX_VARS_BYTES} bytes")
     return dict(value)
+
+
+def _unmasked(new: Any, old: Any, where: str) -> Any:
+    """A client that read masked vars and writes them back keeps the secrets it never saw."""
+    if new == MASK:
+        if old is _ABSENT:
+            raise ValidationError(f"{where} is the mask {MASK!r} of a value that does not exist; "
+                                  "send the real value")
+        return old
+    if isinstance(new, dict):
+        base = old if isinstance(old, dict) else {}
+        return {k: _unmasked(v, base.get(k, _ABSENT), f"{where}.{k}") for k, v in new.items()}
+    if isinstance(new, list):
+        base = old if isinstance(old, list) else []
+        return [_unmasked(v, base[i] if i < len(base) else _ABSENT, f"{where}[{i}]")
+                for i, v in enumerate(new)]
+    return new
+
+
+def is_secret_var(name: str, secret_vars: Collection[str] = ()) -> bool:
+    return name in secret_vars or SECRET_VAR.search(name) is not None
+
+
+def masked_vars(value: Any, secret_vars: Collection[str] = ()) -> Any:
+    """``value`` with every secret variable's value, at any depth, replaced by the mask."""
+    if isinstance(value, dict):
+        return {k: MASK if is_secret_var(k, secret_vars) else masked_vars(v, secret_vars)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [masked_vars(v, secret_vars) for v in value]
+    return value
 
 
 def _check_var_values(value: object, where: str, depth: int = 0) -> None:
@@ -200,7 +240,10 @@ class Profile:
     FIELDS = frozenset({"name", "kernel", "initrd", "append", "autoinstall", "vars"})
 
     @classmethod
-    def from_input(cls, data: object, *, name: str | None = None) -> Profile:
+    def from_input(cls, data: object, *, name: str | None = None,
+                   current: Profile | None = None) -> Profile:
+        """A profile from input; ``current`` is the one it replaces (its secrets are kept
+        where the input sends the mask back)."""
         data = _only_keys(data, set(cls.FIELDS), "profile")
         if name is not None:
             data = {**data, "name": data.get("name", name)}
@@ -213,42 +256,154 @@ class Profile:
             initrd=validate_boot_path("initrd", _string(data, "initrd", required=True)),
             append=validate_append(_string(data, "append")),
             autoinstall=validate_template_name(autoinstall) if autoinstall else "",
-            vars=validate_vars(data.get("vars")),
+            vars=validate_vars(data.get("vars"), keep=current.vars if current else None),
         )
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, secret_vars: Collection[str] = ()) -> dict[str, Any]:
+        """The profile as the API and the CLI show it: secret variables masked."""
         return {
             "name": self.name,
             "kernel": self.kernel,
             "initrd": self.initrd,
             "append": self.append,
             "autoinstall": self.autoinstall,
-            "vars": self.vars,
+            "vars": masked_vars(self.vars, secret_vars),
         }
+
+
+_VDEV = re.compile(r"^(xvd|hd|sd)[a-z]{1,3}[0-9]{0,2}$")
+_DISK_PATH = re.compile(r"^/[A-Za-z0-9_.+@/-]*$")
+_DISK_FORMATS = frozenset({"raw", "qcow", "qcow2", "vhd", "qed"})
+_DISK_ACCESS = {"r": "ro", "ro": "ro", "w": "rw", "rw": "rw"}
+# xm's "prefix:target": the prefixes that only name a format. Any other prefix makes xl run
+# /etc/xen/scripts/block-<prefix> as root in dom0, so it is refused.
+_DISK_LEGACY_PREFIXES = {"phy": "raw", "file": "raw", "raw": "raw", "qcow": "qcow",
+                         "qcow2": "qcow2", "vhd": "vhd", "qed": "qed"}
+_DISK_POSITIONS = ("target", "format", "vdev", "access")
+
+
+@dataclass(frozen=True)
+class XenDisk:
+    """One plain domU disk, the only kind an API client may describe (xl-disk-configuration(5)).
+
+    Parsed from xl's positional (``/dev/vg/x,raw,xvda,rw``), deprecated xm
+    (``phy:/dev/vg/x,xvda,w``) or keyed (``format=raw,vdev=xvda,access=rw,target=/path``)
+    syntax into these four fields; every other key (``script=`` runs a program as root in
+    dom0, ``backend=`` moves the disk to another domain) and every flag is refused.
+    """
+
+    target: str
+    format: str = "raw"
+    vdev: str = "xvda"
+    access: str = "rw"
+
+    @classmethod
+    def parse(cls, spec: str) -> XenDisk:
+        if not spec.isprintable() or any(ch in spec for ch in "'\"[]"):
+            raise ValidationError("invalid xen.disk: no quotes, brackets or control characters")
+        given: dict[str, str] = {}
+        legacy = False
+        parts = [p.strip() for p in spec.split(",")]
+        for index, part in enumerate(parts):
+            key, sep, value = part.partition("=")
+            if sep:
+                key, value = key.strip(), value.strip()
+                if key == "target" and index != len(parts) - 1:
+                    raise ValidationError(
+                        "invalid xen.disk: target= must come last (xl reads the rest as the path)")
+                if key == "devtype":
+                    if value != "disk":
+                        raise ValidationError("invalid xen.disk: only devtype=disk is allowed")
+                    continue
+                if key not in _DISK_POSITIONS:
+                    raise ValidationError(
+                        f"invalid xen.disk: key {key!r} is not allowed; give only target, format, "
+                        "vdev and access (an operator who needs more writes the xl config by hand)")
+            else:
+                free = [k for k in _DISK_POSITIONS if k not in given and not (legacy and k == "format")]
+                if not free:
+                    raise ValidationError(f"invalid xen.disk: unexpected {part!r}")
+                key, value = free[0], part
+                if not value:  # "target,,xvda": an empty positional keeps the default
+                    given[key] = ""
+                    continue
+            if key in given and (given[key] or sep):
+                raise ValidationError(f"invalid xen.disk: {key} is given twice")
+            if key == "target" and ":" in value:
+                prefix, _, value = value.partition(":")
+                if prefix not in _DISK_LEGACY_PREFIXES:
+                    raise ValidationError(
+                        f"invalid xen.disk: the prefix {prefix + ':'!r} would run a block script "
+                        "in dom0; give a plain path")
+                if "format" in given and given["format"]:
+                    raise ValidationError("invalid xen.disk: format is given twice")
+                given["format"], legacy = _DISK_LEGACY_PREFIXES[prefix], not sep
+            given[key] = value
+        return cls._checked(given)
+
+    @classmethod
+    def _checked(cls, given: dict[str, str]) -> XenDisk:
+        target = given.get("target", "")
+        parts = target.split("/")
+        if not target or not _DISK_PATH.match(target) or any(p in (".", "..") for p in parts[1:]):
+            raise ValidationError(
+                f"invalid xen.disk target {target!r}: an absolute path of letters, digits and "
+                "'_.+@/-', without '.' or '..' components")
+        target = "/" + "/".join(p for p in parts if p)
+        disk_format = given.get("format") or "raw"
+        if disk_format not in _DISK_FORMATS:
+            raise ValidationError(
+                f"invalid xen.disk format {disk_format!r}: one of {', '.join(sorted(_DISK_FORMATS))}")
+        vdev = given.get("vdev") or "xvda"
+        if not _VDEV.match(vdev):
+            raise ValidationError(f"invalid xen.disk vdev {vdev!r}: a name such as xvda")
+        access = given.get("access") or "rw"
+        if access not in _DISK_ACCESS:
+            raise ValidationError(f"invalid xen.disk access {access!r}: r, ro, w or rw")
+        return cls(target=target, format=disk_format, vdev=vdev, access=_DISK_ACCESS[access])
+
+    @property
+    def spec(self) -> str:
+        """The keyed xl form; target last, as xl takes the rest of the string as the target."""
+        return f"format={self.format},vdev={self.vdev},access={self.access},target={self.target}"
+
+    def under(self, roots: list[str]) -> bool:
+        """Whether the target lies strictly inside one of these directories."""
+        return any(self.target.startswith(root.rstrip("/") + "/") for root in roots)
 
 
 @dataclass(frozen=True)
 class XenSettings:
+    """The domU's xl settings; ``disk`` is empty (the default image) or a canonical XenDisk spec."""
+
     memory: int = 1024
     vcpus: int = 1
     bridge: str = "xenbr0"
     disk: str = ""
 
+    FIELDS = frozenset({"memory", "vcpus", "bridge", "disk"})
+
     @classmethod
     def from_input(cls, data: object, base: XenSettings | None = None) -> XenSettings:
-        data = _only_keys(data if data is not None else {}, {"memory", "vcpus", "bridge", "disk"}, "xen")
+        """Every field checked, the given ones and those kept from ``base`` alike, so values
+        stored by an older release cannot pass into a domU config unchecked."""
+        data = _only_keys(data if data is not None else {}, set(cls.FIELDS), "xen")
         current = base or cls()
         memory, vcpus = data.get("memory", current.memory), data.get("vcpus", current.vcpus)
         for key, value, low, high in (("memory", memory, 32, 16 * 1024 * 1024), ("vcpus", vcpus, 1, 512)):
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ValidationError(f"xen.{key} must be a whole number from {low} to {high}")
         bridge = _string(data, "bridge", default=current.bridge)
-        if not _BRIDGE.match(bridge):
-            raise ValidationError(f"invalid xen.bridge {bridge!r}: an interface name")
+        if not _BRIDGE.match(bridge) or bridge in (".", ".."):
+            raise ValidationError(
+                f"invalid xen.bridge {bridge!r}: an interface name of up to 15 letters, digits, "
+                "'_', '.' or '-'")
         disk = _string(data, "disk", default=current.disk)
-        if "'" in disk or '"' in disk or "]" in disk:
-            raise ValidationError("xen.disk must not contain quotes or ']'")
-        return cls(memory=memory, vcpus=vcpus, bridge=bridge, disk=disk)
+        return cls(memory=memory, vcpus=vcpus, bridge=bridge,
+                   disk=XenDisk.parse(disk).spec if disk else "")
+
+    def disk_or(self, default_target: str) -> XenDisk:
+        return XenDisk.parse(self.disk) if self.disk else XenDisk(target=default_target)
 
     def to_dict(self) -> dict[str, Any]:
         return {"memory": self.memory, "vcpus": self.vcpus, "bridge": self.bridge, "disk": self.disk}
@@ -268,7 +423,6 @@ class Host:
     install_token: str = ""
 
     CREATE_FIELDS = frozenset({"mac", "hostname", "ip", "profile", "netboot", "vars", "xen"})
-    PATCH_FIELDS = frozenset({"hostname", "ip", "profile", "netboot", "vars", "xen"})
 
     @classmethod
     def from_input(cls, data: object, *, mac: MacAddress) -> Host:
@@ -289,30 +443,8 @@ class Host:
             xen=XenSettings.from_input(data.get("xen")),
         )
 
-    def patched(self, data: object) -> Host:
-        """This host with the fields of a PATCH body applied, each validated."""
-        data = _only_keys(data, set(self.PATCH_FIELDS), "host")
-        changes: dict[str, Any] = {}
-        if "hostname" in data:
-            changes["hostname"] = validate_hostname(_string(data, "hostname", required=True))
-        if "profile" in data:
-            changes["profile"] = validate_profile_name(_string(data, "profile", required=True))
-        if "ip" in data:
-            ip = data["ip"]
-            if ip is not None and not isinstance(ip, str):
-                raise ValidationError("ip must be a string or null")
-            changes["ip"] = validate_ipv4(ip) if ip else None
-        if "netboot" in data:
-            if not isinstance(data["netboot"], bool):
-                raise ValidationError("netboot must be true or false")
-            changes["netboot"] = data["netboot"]
-        if "vars" in data:
-            changes["vars"] = validate_vars(data["vars"])
-        if "xen" in data:
-            changes["xen"] = XenSettings.from_input(data["xen"], self.xen)
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, secret_vars: Collection[str] = ()) -> dict[str, Any]:
+        """The host as the API and the CLI show it: secret variables masked, no install token."""
         return {
             "mac": str(self.mac),
             "hostname": self.hostname,
@@ -320,9 +452,64 @@ class Host:
             "profile": self.profile,
             "netboot": self.netboot,
             "status": self.status.value,
-            "vars": self.vars,
+            "vars": masked_vars(self.vars, secret_vars),
             "xen": self.xen.to_dict(),
         }
+
+
+@dataclass(frozen=True)
+class HostChanges:
+    """The fields one PATCH names, each validated; the store writes these and nothing else.
+
+    ``netboot`` is not a plain field: turning it on starts a new install (status back to
+    registered, a new install token), so the store sets it only by compare-and-set.
+    """
+
+    fields: dict[str, Any] = field(default_factory=dict)  # new hostname, ip, profile, vars
+    xen: dict[str, Any] = field(default_factory=dict)  # xen settings merged into the stored ones
+    netboot: bool | None = None
+    # The secret of the install this change starts if it turns netboot on.
+    install_token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+
+    NAMES = frozenset({"hostname", "ip", "profile", "netboot", "vars", "xen"})
+    PLAIN = frozenset({"hostname", "ip", "profile", "vars"})  # written as given
+
+    def __post_init__(self) -> None:
+        if not set(self.fields) <= self.PLAIN:  # the store puts these names into its SQL
+            raise ValueError(f"not plain host fields: {sorted(set(self.fields) - self.PLAIN)}")
+
+    @classmethod
+    def from_input(cls, data: object, stored_vars: dict[str, Any] | None = None) -> HostChanges:
+        """``stored_vars``: the host's variables now, kept where ``data`` sends back the mask."""
+        data = _only_keys(data, set(cls.NAMES), "host")
+        fields: dict[str, Any] = {}
+        if "hostname" in data:
+            fields["hostname"] = validate_hostname(_string(data, "hostname", required=True))
+        if "profile" in data:
+            fields["profile"] = validate_profile_name(_string(data, "profile", required=True))
+        if "ip" in data:
+            ip = data["ip"]
+            if ip is not None and not isinstance(ip, str):
+                raise ValidationError("ip must be a string or null")
+            fields["ip"] = validate_ipv4(ip) if ip else None
+        if "vars" in data:
+            fields["vars"] = validate_vars(data["vars"], keep=stored_vars)
+        netboot = data.get("netboot")
+        if "netboot" in data and not isinstance(netboot, bool):
+            raise ValidationError("netboot must be true or false")
+        xen: dict[str, Any] = {}
+        if "xen" in data:
+            given = _only_keys(data["xen"], {"memory", "vcpus", "bridge", "disk"}, "xen")
+            xen = {key: value for key, value in XenSettings.from_input(given).to_dict().items()
+                   if key in given}
+        return cls(fields=fields, xen=xen, netboot=netboot)
+
+    @property
+    def names(self) -> list[str]:
+        """The host fields this change names, as the API spells them."""
+        named = [*self.fields, *(["xen"] if self.xen else []),
+                 *(["netboot"] if self.netboot is not None else [])]
+        return sorted(named)
 
 
 @dataclass(frozen=True)

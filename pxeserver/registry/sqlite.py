@@ -12,6 +12,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from pxeserver.registry.models import (
     Conflict,
     Event,
     Host,
+    HostChanges,
     NotFound,
     Profile,
     Status,
@@ -245,19 +247,33 @@ class SqliteStore:
         except sqlite3.IntegrityError as exc:
             raise _unique_conflict(exc, host) from None
 
-    def update_host(self, host: Host) -> None:
+    def update_host(self, mac: MacAddress, changes: HostChanges) -> tuple[Host, Host]:
+        values = {**changes.fields, "mac": str(mac)}
+        assignments = [f"{name} = :{name}" for name in changes.fields]  # names HostChanges checked
+        if "vars" in values:
+            values["vars"] = json.dumps(values["vars"])
+        if changes.xen:
+            assignments.append("xen = json_patch(xen, :xen)")
+            values["xen"] = json.dumps(changes.xen)
         try:
             with self._write() as conn:
-                cursor = conn.execute(
-                    "UPDATE hosts SET hostname = :hostname, ip = :ip, profile = :profile, "
-                    "netboot = :netboot, status = :status, vars = :vars, xen = :xen, "
-                    "install_token = :install_token WHERE mac = :mac",
-                    _host_params(host),
-                )
-                if cursor.rowcount == 0:
-                    raise NotFound(f"no host with MAC {host.mac}")
+                before = conn.execute("SELECT * FROM hosts WHERE mac = ?", (str(mac),)).fetchone()
+                if before is None:
+                    raise NotFound(f"no host with MAC {mac}")
+                if assignments:
+                    conn.execute(f"UPDATE hosts SET {', '.join(assignments)} WHERE mac = :mac", values)
+                if changes.netboot:
+                    conn.execute(
+                        "UPDATE hosts SET netboot = 1, status = 'registered', install_token = ? "
+                        "WHERE mac = ? AND netboot = 0",
+                        (changes.install_token, str(mac)),
+                    )
+                elif changes.netboot is False:
+                    conn.execute("UPDATE hosts SET netboot = 0 WHERE mac = ?", (str(mac),))
+                after = conn.execute("SELECT * FROM hosts WHERE mac = ?", (str(mac),)).fetchone()
         except sqlite3.IntegrityError as exc:
-            raise _unique_conflict(exc, host) from None
+            raise _unique_conflict(exc, replace(_host(before), **changes.fields)) from None
+        return _host(before), _host(after)
 
     def find_host(self, mac: MacAddress) -> Host | None:
         row = self._connection().execute("SELECT * FROM hosts WHERE mac = ?", (str(mac),)).fetchone()
@@ -298,27 +314,33 @@ class SqliteStore:
             )
             return cursor.rowcount == 1
 
-    def complete_install(self, mac: MacAddress, token: str) -> bool:
+    def complete_install(self, mac: MacAddress, token: str) -> Host | None:
         with self._write() as conn:
-            cursor = conn.execute(
+            row = conn.execute(
                 "UPDATE hosts SET status = 'installed', netboot = 0, install_token = '' "
-                "WHERE mac = ? AND install_token = ? AND install_token != ''",
+                "WHERE mac = ? AND install_token = ? AND install_token != '' RETURNING *",
                 (str(mac), token),
-            )
-            return cursor.rowcount == 1
+            ).fetchone()
+            return None if row is None else _host(row)
 
     # -- events -------------------------------------------------------------------------------
 
-    def add_events(self, events: Iterable[Event]) -> None:
-        rows = [(str(e.mac), e.time, e.source, e.message) for e in events]
+    def add_events(self, events: Iterable[Event], keep: int = 1000) -> None:
+        rows = [(str(e.mac), e.time, e.source, e.message, str(e.mac)) for e in events]
         if not rows:
             return
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(
-                "INSERT INTO events (mac, time, source, message) VALUES (?, ?, ?, ?)", rows
+                "INSERT INTO events (mac, time, source, message) SELECT ?, ?, ?, ? "
+                "WHERE EXISTS (SELECT 1 FROM hosts WHERE mac = ?)", rows
             )
+            for mac in {row[0] for row in rows}:
+                conn.execute(
+                    "DELETE FROM events WHERE mac = ? AND id <= (SELECT id FROM events "
+                    "WHERE mac = ? ORDER BY id DESC LIMIT 1 OFFSET ?)", (mac, mac, keep)
+                )
         except BaseException:
             conn.execute("ROLLBACK")
             raise

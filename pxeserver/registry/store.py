@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pxeserver.mac import MacAddress
-from pxeserver.registry.models import Event, Host, Profile, Status
+from pxeserver.registry.models import Event, Host, HostChanges, Profile, Status
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,17 @@ class Store(Protocol):
     def list_profiles(self) -> list[Profile]: ...
     def delete_profile(self, name: str) -> None: ...
 
-    # Hosts. add_host raises Conflict on a duplicate MAC, hostname or IP and ValidationError
-    # for an unknown profile; get/update/delete raise NotFound.
+    # Hosts. add_host and update_host raise Conflict on a duplicate MAC, hostname or IP and
+    # ValidationError for an unknown profile; get/update/delete raise NotFound.
     def add_host(self, host: Host) -> None: ...
-    def update_host(self, host: Host) -> None: ...
+    def update_host(self, mac: MacAddress, changes: HostChanges) -> tuple[Host, Host]:
+        """Write only the fields ``changes`` names; returns the host before and after.
+
+        Netboot turned on (from off) starts a new install in the same transaction: status
+        registered and ``changes.install_token``. Status and the install token change nowhere
+        else but in advance_status and complete_install, so a PATCH never undoes a callback.
+        """
+        ...
     def get_host(self, mac: MacAddress) -> Host: ...
     def find_host(self, mac: MacAddress) -> Host | None: ...
     def find_host_by_ip(self, ip: str) -> Host | None: ...
@@ -48,12 +55,14 @@ class Store(Protocol):
     def advance_status(self, mac: MacAddress, to: Status, allowed_from: Iterable[Status]) -> bool:
         """Set ``to`` if the host netboots and is in one of ``allowed_from``; True if it did."""
         ...
-    def complete_install(self, mac: MacAddress, token: str) -> bool:
-        """Mark installed and stop netbooting if ``token`` is the current install token."""
+    def complete_install(self, mac: MacAddress, token: str) -> Host | None:
+        """Mark installed, stop netbooting and use up the token if ``token`` is the current
+        install token; the host as it is then, or None if the token did not match."""
         ...
 
-    # Provisioning timeline.
-    def add_events(self, events: Iterable[Event]) -> None: ...
+    # Provisioning timeline. add_events stores only events of registered hosts (anyone on the
+    # guest network can make events for made-up MACs) and keeps each host's newest ``keep``.
+    def add_events(self, events: Iterable[Event], keep: int = 1000) -> None: ...
     def events(self, mac: MacAddress, limit: int = 1000) -> list[Event]: ...
 
     # DHCP leases for hosts without a registered IP.

@@ -69,7 +69,7 @@ class Negotiated:
 
     blksize: int = DEFAULT_BLKSIZE
     windowsize: int = 1
-    timeout: int | None = None  # seconds the client asked for; None: the server's default
+    timeout: int | None = None  # seconds the client asked for and got; None: the server's default
     oack: dict[str, str] = field(default_factory=dict)
 
 
@@ -116,11 +116,15 @@ def _number(options: dict[str, str], name: str, low: int, high: int | None) -> i
     return int(text)
 
 
-def negotiate(options: dict[str, str], size: int, max_blksize: int, max_windowsize: int) -> Negotiated:
+def negotiate(options: dict[str, str], size: int, max_blksize: int, max_windowsize: int,
+              max_timeout: int) -> Negotiated:
     """Accept what we support, clamp to our limits, and answer only what the client asked.
 
     An OACK naming an option the client did not send makes pxelinux fail the transfer, so
-    the OACK is built from the request's own names, never from a template.
+    the OACK is built from the request's own names, never from a template. A timeout above
+    ``max_timeout`` is not acknowledged (the server keeps its own): RFC 2349 lets a server
+    answer a smaller blksize, but an acknowledged timeout "must match the value specified by
+    the client", and a client asking 255 s would hold the session for minutes per resend.
     """
     oack: dict[str, str] = {}
     blksize = _number(options, "blksize", MIN_BLKSIZE, None)
@@ -131,6 +135,8 @@ def negotiate(options: dict[str, str], size: int, max_blksize: int, max_windowsi
     if _number(options, "tsize", 0, None) is not None:
         oack["tsize"] = str(size)  # RFC 2349: the client sends 0 on a read; we answer the size
     timeout = _number(options, "timeout", 1, MAX_TIMEOUT)
+    if timeout is not None and timeout > max_timeout:
+        timeout = None
     if timeout is not None:
         oack["timeout"] = str(timeout)
     windowsize = _number(options, "windowsize", 1, None)

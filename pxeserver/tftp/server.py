@@ -5,9 +5,16 @@ sockets; it has no bound on sessions; and it catches only its own exception type
 packet stops it (see PROTOCOLS.md). Here one ``select.epoll`` watches every socket (used
 directly: the loop reads one datagram per readiness event, and level-triggered epoll reports a
 socket again while it holds more, so no read ends in a costly EAGAIN), every request is decoded
-in a ``try`` that turns any failure into one ERROR packet, sessions are capped in total and
-per client address, and every loop is bounded (packets drained per wakeup, sessions scanned
-per tick), so a flood from one client cannot starve the others.
+in a ``try`` that turns any failure into one ERROR packet, and every loop is bounded (packets
+drained per wakeup, sessions scanned per tick), so a flood from one client cannot starve the
+others.
+
+Request floods are bounded in what they hold: sessions are capped in total, per client
+address and per /24 (a guest can spoof any source address in its own network, and a flood
+from one network then fills only that network's share); a transfer whose client
+acknowledges nothing new for ``session_deadline`` seconds is dropped whatever timeout it
+asked for (and a timeout above ``max_timeout`` is not granted); file data in memory is
+bounded by ``packet_cache_mb`` (cache.py).
 
 Each transfer gets a fresh port (its TID, RFC 1350; two sockets, see session.py) bound to the
 address the request came in on. Quirk: PXE ROMs drop a reply whose source address differs
@@ -28,7 +35,7 @@ import time
 from collections import Counter
 
 from pxeserver.app import Context
-from pxeserver.tftp.cache import PacketCache
+from pxeserver.tftp.cache import FileMemory
 from pxeserver.tftp.events import EventRecorder, Transfer
 from pxeserver.tftp.files import Resolver
 from pxeserver.tftp.packets import (
@@ -61,8 +68,8 @@ class TftpService:
         self.context = context
         self.config = context.config.tftp
         self.port = self.config.port
-        self.packet_cache = PacketCache(self.config.packet_cache_mb << 20)
-        self._resolver = Resolver(context.config.tftp_root, context.policy, self.packet_cache)
+        self.file_memory = FileMemory(self.config.packet_cache_mb << 20)
+        self._resolver = Resolver(context.config.tftp_root, context.policy, self.file_memory)
         self._events: EventRecorder | None = None
         self._epoll: select.epoll | None = None
         self._listener: socket.socket | None = None
@@ -72,11 +79,12 @@ class TftpService:
         self._strangers: dict[int, Session] = {}  # by the fd of the session's unconnected socket
         self._by_peer: dict[tuple[str, int], Session] = {}
         self._per_client: Counter[str] = Counter()
+        self._per_subnet: Counter[str] = Counter()  # by the first three octets: the client's /24
 
     # -- Service protocol -----------------------------------------------------------------
 
     def start(self) -> None:
-        _raise_open_file_limit(2 * self.config.max_sessions + 256)
+        _raise_open_file_limit(3 * self.config.max_sessions + 256)
         listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             listener.bind((self.config.address, self.config.port))
@@ -94,7 +102,8 @@ class TftpService:
         self._epoll.register(listener.fileno(), select.EPOLLIN)
         self._events = EventRecorder(self.context.policy)
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="tftp", daemon=True)
+        self._thread = threading.Thread(
+            target=self.context.supervisor.guard(self._run, self.name), name="tftp", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -203,6 +212,11 @@ class TftpService:
             refusal = encode_error(ErrorCode.NOT_DEFINED, "too many transfers from your address")
             self._reply_from_listener(refusal, peer)
             return
+        subnet = _subnet(client_ip)
+        if self._per_subnet[subnet] >= self.config.max_sessions_per_subnet:
+            refusal = encode_error(ErrorCode.NOT_DEFINED, "too many transfers from your network")
+            self._reply_from_listener(refusal, peer)
+            return
         try:
             strangers = _transfer_socket(local, 0)
         except OSError as exc:  # out of file descriptors
@@ -226,6 +240,7 @@ class TftpService:
         self._strangers[strangers.fileno()] = session
         self._by_peer[peer] = session
         self._per_client[client_ip] += 1
+        self._per_subnet[subnet] += 1
         session.begin(time.monotonic())
 
     def _open_session(self, packet: bytes, peer: tuple[str, int], strangers: socket.socket) -> Session:
@@ -235,16 +250,17 @@ class TftpService:
         source = self._resolver.open(request.filename, peer[0], request.mode)
         sock = None
         try:
-            limits = self.config.max_blksize, self.config.max_windowsize
+            limits = self.config.max_blksize, self.config.max_windowsize, self.config.max_timeout
             options = negotiate(request.options, source.size, *limits)
             sock = _transfer_socket(*strangers.getsockname())
             sock.connect(peer)
+            return Session(sock, strangers, peer, source, options, self.config.timeout, self.config.retries,
+                           self.config.session_deadline)
         except BaseException:
             if sock is not None:
                 sock.close()
             source.close()
             raise
-        return Session(sock, strangers, peer, source, options, self.config.timeout, self.config.retries)
 
     def _end(self, session: Session) -> None:
         fd = session.sock.fileno()
@@ -258,9 +274,10 @@ class TftpService:
         session.strangers.close()
         self._by_peer.pop(session.peer, None)
         client_ip = session.peer[0]
-        self._per_client[client_ip] -= 1
-        if self._per_client[client_ip] <= 0:
-            del self._per_client[client_ip]
+        for counter, key in ((self._per_client, client_ip), (self._per_subnet, _subnet(client_ip))):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
         if session.completed and self._events is not None:
             stats = session.stats
             self._events.add(Transfer(client_ip, session.source.name, session.source.size, session.blksize,
@@ -282,6 +299,11 @@ class TftpService:
         except OSError:
             pass
         sock.close()
+
+
+def _subnet(ip: str) -> str:
+    """The /24 an IPv4 address is in, as its first three octets."""
+    return ip.rsplit(".", 1)[0]
 
 
 def _transfer_socket(address: str, port: int) -> socket.socket:
@@ -307,7 +329,8 @@ def _transfer_socket(address: str, port: int) -> socket.socket:
 
 
 def _raise_open_file_limit(wanted: int) -> None:
-    """Two sockets per session: a soft limit of 1024 descriptors would cap sessions below 2000."""
+    """Two sockets per session, and the file of one read from disk: a soft limit of 1024
+    descriptors would cap sessions near 300."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if soft != resource.RLIM_INFINITY and soft < target:

@@ -8,6 +8,9 @@ Block numbers are kept absolute (1, 2, ... past 65535) and put on the wire modul
 they roll over to 0 as every common client expects (pypxeboot's tftpy, pxelinux, iPXE).
 The server retransmits only when its deadline passes, never because of a duplicate ACK: that
 is the Sorcerer's Apprentice bug of RFC 1350, which doubles the traffic on every delay.
+It gives up after ``retries`` resends, or once the client has acknowledged nothing new for
+``patience`` seconds (``[tftp] session_deadline``), whichever comes first: a request from a
+spoofed address is never acknowledged, and must not hold its session for retries x timeout.
 
 DATA goes out with ``os.write`` on the connected socket's descriptor, and the server reads
 ACKs with ``os.read``: the same datagram syscalls as ``send``/``recv``, without the socket
@@ -46,7 +49,7 @@ class Stats:
 
 class Session:
     def __init__(self, sock: socket.socket, strangers: socket.socket, peer: tuple[str, int],
-                 source: Source, options: Negotiated, timeout: float, retries: int) -> None:
+                 source: Source, options: Negotiated, timeout: float, retries: int, patience: float) -> None:
         self.sock = sock  # connected to the client
         self.fd = sock.fileno()  # for os.read/os.write on the hot path
         self.strangers = strangers  # the same port, for packets from other addresses
@@ -54,22 +57,25 @@ class Session:
         self.source = source
         self.blksize = options.blksize
         self.windowsize = options.windowsize
-        self.timeout = float(options.timeout or timeout)
+        self.patience = patience  # seconds without an acknowledged block before giving up
+        self.timeout = min(float(options.timeout or timeout), patience)
         self.max_retries = retries
         self.oack = encode_oack(options.oack) if options.oack else b""
-        packets = source.packets(self.blksize)
+        packets = source.packets(self.blksize, self.windowsize)
         self.packet = packets.get  # the DATA packet of an absolute block number
         self.total_blocks = packets.count  # the last block is short, maybe empty
         self.acked = 0  # highest block the client confirmed (absolute)
         self.sent = 0  # highest block sent so far (absolute)
         self.retries = 0
         self.deadline = 0.0
+        self.progressed = 0.0  # when the client last acknowledged something new (or asked)
         self.done = False
         self.completed = False  # the client acknowledged the last block
         self.stats = Stats(started=time.monotonic())
 
     def begin(self, now: float) -> None:
         """Send the OACK (then wait for ACK 0) or, without options, the first window."""
+        self.progressed = now
         if self.oack:
             self._send(self.oack)
             self.deadline = now + self.timeout
@@ -97,6 +103,7 @@ class Session:
                 return
             self.acked += advance
             self.retries = 0
+            self.progressed = now
             if self.acked == self.total_blocks:
                 self.completed = True
                 self._finish(now)
@@ -107,6 +114,7 @@ class Session:
         elif opcode == ACK:  # the OACK is out; only ACK 0 moves on
             if block == 0:
                 self.retries = 0
+                self.progressed = now
                 self._send_window(now)
         elif opcode == ERROR:
             # The client gave up, or (ERROR 8 after an OACK) only wanted the tsize.
@@ -116,18 +124,21 @@ class Session:
             self._finish(now)
 
     def on_timeout(self, now: float) -> None:
+        """Resend what is unacknowledged, or give up: after the retries, or once the client
+        has been silent for ``patience`` seconds, however many retries that leaves unused."""
         self.stats.timeouts += 1
-        if self.retries >= self.max_retries:
+        give_up_at = self.progressed + self.patience
+        if self.retries >= self.max_retries or now >= give_up_at:
             self._finish(now)
             return
         self.retries += 1
         if self.sent == 0:
             self.stats.retransmits += 1
             self._send(self.oack)
-            self.deadline = now + self.timeout
         else:
             self.stats.retransmits += min(self.sent, self.total_blocks) - self.acked
             self._send_window(now)
+        self.deadline = min(now + self.timeout, give_up_at)
 
     def _send_window(self, now: float) -> None:
         """Send blocks acked+1 .. acked+windowsize (fewer at the end of the file)."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
 
 from pxeserver.app import Context
 from pxeserver.web import api, files
@@ -10,8 +13,23 @@ from pxeserver.web import api, files
 MAX_BODY_BYTES = 256 * 1024
 
 
+class JsonProvider(DefaultJSONProvider):
+    """Flask's JSON, with a body nested too deeply for the parser made a plain decoding error.
+
+    ``json.loads`` recurses per level: 100,000 ``[`` fit in the body size limit and raise
+    RecursionError, which Flask would answer with a 500. As a ValueError it is a 400.
+    """
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+
+
 def create_app(context: Context) -> Flask:
     app = Flask("pxeserver")
+    app.json = JsonProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["pxeserver"] = context

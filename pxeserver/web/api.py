@@ -3,6 +3,10 @@
 Handlers are thin: they parse the request into plain data and hand it to
 :class:`~pxeserver.provisioning.Provisioning`, which validates and stores it; errors from
 there map to 400 (bad input), 404 (unknown), 409 (conflict) and 403 (wrong token).
+
+With ``[api] token`` set every request needs it, reads too (the registry names every host
+and its profile); only the install-complete callback is authorised instead by the host's
+own install token and address. Secret template variables are masked in every answer.
 """
 
 from __future__ import annotations
@@ -11,16 +15,14 @@ import hmac
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException, UnsupportedMediaType
 
 from pxeserver.app import Context
 from pxeserver.mac import InvalidMac, MacAddress
 from pxeserver.provisioning import InvalidToken
-from pxeserver.registry import Conflict, NotFound, ValidationError
+from pxeserver.registry import Conflict, Host, NotFound, Profile, ValidationError
 
 blueprint = Blueprint("api", __name__, url_prefix="/api")
-
-WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
 
 def _context() -> Context:
@@ -69,18 +71,33 @@ def _admin_authorized() -> bool:
 
 @blueprint.before_request
 def _require_token() -> tuple[Response, int] | None:
-    if request.method not in WRITE_METHODS or _admin_authorized():
+    if _admin_authorized():
         return None
     if request.endpoint == "api.install_done":
-        return None  # authorised by the per-install token instead
-    return _error(401, "this API write needs 'Authorization: Bearer <token>'")
+        return None  # authorised by the per-install token and the host's address instead
+    return _error(401, "the API needs 'Authorization: Bearer <token>'")
 
 
 def _body() -> Any:
-    data = request.get_json(silent=True)
-    if data is None:
-        raise ValidationError("the request body must be JSON (Content-Type: application/json)")
-    return data
+    try:
+        return request.get_json()
+    except (BadRequest, UnsupportedMediaType) as exc:  # bad or too deep JSON; not JSON at all
+        reason = exc.__cause__ or exc.description  # Flask keeps the parser's message there
+        raise ValidationError(
+            f"the request body must be JSON (Content-Type: application/json): {reason}"
+        ) from None
+
+
+def _secret_vars() -> list[str]:
+    return _context().config.api.secret_vars
+
+
+def _host(host: Host) -> dict[str, Any]:
+    return host.to_dict(_secret_vars())
+
+
+def _profile(profile: Profile) -> dict[str, Any]:
+    return profile.to_dict(_secret_vars())
 
 
 def _mac(text: str) -> MacAddress:
@@ -91,23 +108,23 @@ def _mac(text: str) -> MacAddress:
 
 @blueprint.get("/profiles")
 def list_profiles() -> Response:
-    return jsonify([p.to_dict() for p in _context().store.list_profiles()])
+    return jsonify([_profile(p) for p in _context().store.list_profiles()])
 
 
 @blueprint.post("/profiles")
 def add_profile() -> tuple[Response, int]:
     profile = _context().provisioning.add_profile(_body())
-    return jsonify(profile.to_dict()), 201
+    return jsonify(_profile(profile)), 201
 
 
 @blueprint.get("/profiles/<name>")
 def show_profile(name: str) -> Response:
-    return jsonify(_context().store.get_profile(name).to_dict())
+    return jsonify(_profile(_context().store.get_profile(name)))
 
 
 @blueprint.put("/profiles/<name>")
 def replace_profile(name: str) -> Response:
-    return jsonify(_context().provisioning.replace_profile(name, _body()).to_dict())
+    return jsonify(_profile(_context().provisioning.replace_profile(name, _body())))
 
 
 @blueprint.delete("/profiles/<name>")
@@ -120,23 +137,23 @@ def delete_profile(name: str) -> tuple[str, int]:
 
 @blueprint.get("/hosts")
 def list_hosts() -> Response:
-    return jsonify([h.to_dict() for h in _context().store.list_hosts()])
+    return jsonify([_host(h) for h in _context().store.list_hosts()])
 
 
 @blueprint.post("/hosts")
 def add_host() -> tuple[Response, int]:
     host = _context().provisioning.add_host(_body())
-    return jsonify(host.to_dict()), 201
+    return jsonify(_host(host)), 201
 
 
 @blueprint.get("/hosts/<mac>")
 def show_host(mac: str) -> Response:
-    return jsonify(_context().store.get_host(_mac(mac)).to_dict())
+    return jsonify(_host(_context().store.get_host(_mac(mac))))
 
 
 @blueprint.patch("/hosts/<mac>")
 def update_host(mac: str) -> Response:
-    return jsonify(_context().provisioning.update_host(_mac(mac), _body()).to_dict())
+    return jsonify(_host(_context().provisioning.update_host(_mac(mac), _body())))
 
 
 @blueprint.delete("/hosts/<mac>")
@@ -147,19 +164,22 @@ def delete_host(mac: str) -> tuple[str, int]:
 
 @blueprint.post("/hosts/<mac>/installed")
 def install_done(mac: str) -> Response:
-    """The installer's callback; the per-install token comes as ``?token=`` or in a JSON body.
+    """The installer's callback; the per-install token comes as ``?token=`` or in a JSON body,
+    from the host's own address (see BootPolicy.check_secret_access).
 
-    An administrator holding the configured API token may also mark a host installed.
+    An administrator holding the configured API token may also mark a host installed, from
+    anywhere.
     """
     context = _context()
     host_mac = _mac(mac)
     body = request.get_json(silent=True)
     token = request.args.get("token") or (body.get("token") if isinstance(body, dict) else None)
+    client_ip: str | None = request.remote_addr or ""
     if not token and context.config.api.token and _admin_authorized():
-        token = context.store.get_host(host_mac).install_token
+        token, client_ip = context.store.get_host(host_mac).install_token, None
     if not isinstance(token, str) or not token:
         raise InvalidToken("the install-complete call needs the host's install token")
-    return jsonify(context.provisioning.install_done(host_mac, token).to_dict())
+    return jsonify(_host(context.provisioning.install_done(host_mac, token, client_ip=client_ip)))
 
 
 @blueprint.get("/hosts/<mac>/events")

@@ -19,7 +19,7 @@ from jinja2 import TemplateError
 from pxeserver.app import Context
 from pxeserver.autoinstall import AutoinstallRenderer
 from pxeserver.mac import InvalidMac, MacAddress
-from pxeserver.policy import AutoinstallKind, BootSpec, LocalBoot
+from pxeserver.policy import AutoinstallKind, BootSpec, LocalBoot, NotInstalling, SecretRefused
 from pxeserver.published import NotPublished, open_published
 from pxeserver.registry import Status
 
@@ -72,6 +72,11 @@ def _autoinstall(text: str, kind: AutoinstallKind) -> Response:
     host = policy.host(mac)
     if host is None:
         return _text(f"no host with MAC {mac} is registered\n", 404)
+    try:  # the file carries the host's install token: only to the host, during its install
+        policy.check_secret_access(host, request.remote_addr)
+    except SecretRefused as exc:
+        policy.record(mac, "http", f"refused {kind.value} to {request.remote_addr}: {exc}")
+        return _text(f"{exc}\n", 404 if isinstance(exc, NotInstalling) else 403)
     profile = policy.profile(host.profile)
     if profile is None or policy.autoinstall_kind(profile.autoinstall) is not kind:
         return _text(f"host {mac} has no {kind.value} template\n", 404)

@@ -147,7 +147,8 @@ class HttpService:
         self.port = int(self._server.effective_port)  # waitress reports it as a string
         # Port 0 means "any free port": boot configs and callback URLs must carry the real one.
         section.port = self.port
-        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
+        self._thread = threading.Thread(
+            target=self.context.supervisor.guard(self._server.run, self.name), name="http", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
