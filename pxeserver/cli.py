@@ -1,4 +1,4 @@
-"""The ``pxeserver`` command line (click): serve, profile, host and domu-config.
+"""The ``pxeserver`` command line (click): serve, profile, host, domu-config and build-pypxeboot.
 
 Every change goes through :class:`~pxeserver.provisioning.Provisioning`, the same code the API
 uses, so the CLI accepts and refuses exactly what the API does. Bad input exits with status 1
@@ -260,12 +260,28 @@ def domu_config(ctx: click.Context, mac: str, output: str | None, **overrides: A
         found = context.store.get_host(MacAddress.parse(mac))
         xen = XenSettings.from_input({k: v for k, v in overrides.items() if v is not None}, found.xen)
         context.provisioning.check_xen(xen)
-        text = domu.render(found, xen)
+        config = context.config
+        pinned = config.advertised_address if config.dhcp.enabled and config.dhcp.mode == "full" else ""
+        text = domu.render(found, xen, bootloader=config.xen.bootloader, dhcp_server=pinned)
         if output:
             Path(output).write_text(text)
             click.echo(f"wrote {output}")
         else:
             click.echo(text, nl=False)
+
+
+@cli.command("build-pypxeboot")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The file to write, e.g. /usr/local/bin/pypxeboot on a dom0.")
+def build_pypxeboot(output: Path) -> None:
+    """Write pypxeboot as one executable file that needs only the dom0's python3."""
+    from pxeserver.dom0 import INTERPRETER, build_pypxeboot as build
+
+    try:
+        size = build(output)
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror}")
+    click.echo(f"wrote {output} ({size} bytes): copy it to each dom0, it runs with {INTERPRETER}")
 
 
 def main() -> None:

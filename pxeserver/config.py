@@ -127,6 +127,9 @@ class XenSection:
     # The only places an xen.disk target may lie under: an API client must not be able to hand
     # a guest dom0's own disk (an operator who needs more writes the xl config by hand).
     disk_roots: list[str] = field(default_factory=lambda: ["/var/lib/xen/images/", "/dev/vg_domu/"])
+    # xl runs a bare bootloader name only from its own directory (/usr/lib/xen-4.17/bin on
+    # Debian): domu-config writes this absolute path, where `build-pypxeboot -o` puts it.
+    bootloader: str = "/usr/local/bin/pypxeboot"
 
 
 @dataclass
@@ -351,6 +354,8 @@ def validate(config: Config) -> None:
     for root in config.xen.disk_roots:
         if not isinstance(root, str) or not root.startswith("/") or ".." in root.split("/"):
             _fail("xen", "disk_roots", f"must be absolute paths without '..', not {root!r}")
+    if not re.fullmatch(r"/[A-Za-z0-9._+/-]+", config.xen.bootloader):
+        _fail("xen", "bootloader", f"must be an absolute path of plain characters, not {config.xen.bootloader!r}")
     for name in config.api.secret_vars:
         if not isinstance(name, str):
             _fail("api", "secret_vars", f"must be variable names, not {name!r}")

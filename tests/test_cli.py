@@ -70,7 +70,7 @@ def test_domu_config_written_to_a_file(workdir: Path) -> None:
     values: dict[str, object] = {}
     exec((workdir / "web1.cfg").read_text(), {}, values)
     assert values["vif"] == ["mac=00:16:3e:aa:bb:cc,bridge=br1"]
-    assert values["memory"] == 768 and values["bootloader"] == "pypxeboot"
+    assert values["memory"] == 768 and values["bootloader"] == "/usr/local/bin/pypxeboot"
     assert values["bootloader_args"] == ["mac=00:16:3e:aa:bb:cc", "interface=br1"]
     assert (values["name"], values["type"], values["vcpus"], values["disk"]) == (
         "web1", "pv", 1, ["format=raw,vdev=xvda,access=rw,target=/dev/vg_domu/web1"])
@@ -109,6 +109,26 @@ def test_show_masks_secret_variables(workdir: Path) -> None:
     with sqlite3.connect(workdir / "var" / "registry.db") as conn:
         stored = json.loads(conn.execute("SELECT vars FROM hosts").fetchone()[0])
     assert stored["luks"] == "hunter2" and stored["ssh_key"] == "ssh-ed25519 AAAA"
+
+
+def test_domu_config_pins_pxeserver_s_dhcp_and_names_the_configured_bootloader(workdir: Path) -> None:
+    (workdir / "pxeserver.toml").write_text(
+        '[server]\naddress = "10.0.0.1"\n[dhcp]\nenabled = true\n'
+        '[xen]\nbootloader = "/usr/lib/xen-4.17/bin/pypxeboot"\n')
+    run(workdir, "profile", "add", "deb", "--kernel", "k", "--initrd", "i")
+    run(workdir, "host", "add", "--mac", "00:16:3e:aa:bb:cc", "--hostname", "web1", "--profile", "deb")
+    values: dict[str, object] = {}
+    exec(run(workdir, "domu-config", "00:16:3e:aa:bb:cc").stdout, {}, values)
+    assert values["bootloader"] == "/usr/lib/xen-4.17/bin/pypxeboot"
+    assert values["bootloader_args"] == ["mac=00:16:3e:aa:bb:cc", "interface=xenbr0", "dhcp_server=10.0.0.1"]
+
+
+@pytest.mark.parametrize("bootloader", ["pypxeboot", '/usr/bin/x"; y="', "/usr/bin/py pxe"])
+def test_a_bootloader_that_is_not_a_plain_absolute_path_is_refused(workdir: Path, bootloader: str) -> None:
+    (workdir / "pxeserver.toml").write_text(f"[xen]\nbootloader = {json.dumps(bootloader)}\n")
+    result = run(workdir, "host", "list", ok=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "[xen] bootloader must be an absolute path" in lines[0]
 
 
 BAD = [
