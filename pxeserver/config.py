@@ -37,6 +37,9 @@ class BootSection:
     default_profile: str = ""
     efi_loader: str = "syslinux.efi"  # boot file for x64 UEFI firmware
     bios_loader: str = "pxelinux.0"
+    # What iPXE clients are handed: "script" (/ipxe/<mac> over HTTP) or "pxelinux" (the
+    # firmware's loader above over TFTP, for admins who want pxelinux menus).
+    ipxe_chain: str = "script"
 
 
 @dataclass
@@ -168,6 +171,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"[{name}] port {port} is out of range")
     if config.dhcp.mode not in ("full", "proxy"):
         raise ConfigError(f"[dhcp] mode must be 'full' or 'proxy', not {config.dhcp.mode!r}")
+    if config.boot.ipxe_chain not in ("script", "pxelinux"):
+        raise ConfigError(f"[boot] ipxe_chain must be 'script' or 'pxelinux', not {config.boot.ipxe_chain!r}")
     for key, low, high in (("timeout", 1, 255), ("retries", 0, 100), ("max_blksize", 8, 65464),
                            ("max_windowsize", 1, 65535), ("max_sessions", 1, 1_000_000),
                            ("max_sessions_per_client", 1, 1_000_000), ("packet_cache_mb", 0, 1 << 20)):
