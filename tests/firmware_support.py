@@ -10,6 +10,7 @@ log under ``test-artifacts/`` at the repository root.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from conftest import REPO
 SERVER_IP = "10.77.12.1"
 SUBNET = "10.77.12.0/24"
 SERVER_IF = "fws0"
+TESTER_IP = "10.77.12.2"  # the bridge's own address: the test's clients (curl, tftp) on the guests' network
 UPLINK_IF = "fwc0"  # the veth's end in the guests' namespace, a bridge port
 BRIDGE = "fwbr0"
 TAP = "fwtap0"
@@ -133,6 +135,7 @@ def lab(tag: str, workdir: Path, *, boot: str = "") -> Iterator[Lab]:
             "netns", guests)
         run("ip", "-n", server, "addr", "add", f"{SERVER_IP}/24", "dev", SERVER_IF)
         run("ip", "-n", guests, "link", "add", BRIDGE, "type", "bridge", "forward_delay", "0")
+        run("ip", "-n", guests, "addr", "add", f"{TESTER_IP}/24", "dev", BRIDGE)
         run("ip", "-n", guests, "tuntap", "add", "dev", TAP, "mode", "tap")
         for port in (UPLINK_IF, TAP):
             run("ip", "-n", guests, "link", "set", port, "master", BRIDGE)
@@ -266,3 +269,82 @@ def add_installer(the_lab: Lab, name: str = "debian12") -> tuple[str, str]:
         shutil.copy(INSTALLER / file, images / file)
     return f"images/{name}/linux", f"images/{name}/initrd.gz"
 
+
+
+# -- a tiny installer: busybox fetches the autoinstall file and calls its callback ----------
+
+LIFECYCLE_INIT = r"""#!/bin/busybox sh
+# A stand-in installer: network up, fetch the kickstart/preseed named on the kernel command
+# line, call the install-complete URL it carries, power off. Every step says so on ttyS0.
+/bin/busybox --install -s /bin
+mkdir -p /proc /sys /dev /tmp
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+insmod /e1000.ko
+for word in $(cat /proc/cmdline); do
+    case $word in url=*|ks=*|inst.ks=*) url=${word#*=} ;; esac
+done
+ip link set eth0 up
+udhcpc -i eth0 -s /udhcpc.sh -q -n -t 10 -T 2 && echo "lifecycle: network up"
+wget -q -O /tmp/autoinstall "$url" && echo "lifecycle: fetched $url"
+callback=$(sed -n "s/.*curl -fsS -X POST '\([^']*\)'.*/\1/p" /tmp/autoinstall | head -n 1)
+wget -q -O /tmp/answer --post-data= "$callback" && echo "lifecycle: callback answered $(cat /tmp/answer)"
+echo "lifecycle: powering off"
+poweroff -f
+"""
+UDHCPC_SCRIPT = """#!/bin/sh
+[ "$1" = bound ] && ifconfig "$interface" "$ip" netmask "$subnet" up
+exit 0
+"""
+
+
+def _newc(name: str, data: bytes, mode: int, device: tuple[int, int] = (0, 0)) -> bytes:
+    fields = [0, mode, 0, 0, 1, 0, len(data), 0, 0, *device, len(name) + 1, 0]
+    header = b"070701" + b"".join(b"%08x" % value for value in fields)
+    entry = header + name.encode() + b"\0"
+    entry += b"\0" * (-len(entry) % 4) + data
+    return entry + b"\0" * (-len(entry) % 4)
+
+
+def _read_newc(archive: bytes, wanted: str) -> bytes:
+    """One file out of a newc cpio archive (what Debian's initrds are)."""
+    offset = 0
+    while archive[offset:offset + 6] == b"070701":
+        size, name_size = int(archive[offset + 54:offset + 62], 16), int(archive[offset + 94:offset + 102], 16)
+        name = archive[offset + 110:offset + 110 + name_size - 1].decode()
+        start = (offset + 110 + name_size + 3) & ~3
+        if name == wanted:
+            return archive[start:start + size]
+        if name == "TRAILER!!!":
+            break
+        offset = (start + size + 3) & ~3
+    raise FileNotFoundError(f"{wanted} is not in the archive")
+
+
+def lifecycle_initrd(target: Path) -> None:
+    """A gzipped initrd of the host's busybox (and the libraries it links), the installer
+    kernel's e1000 module, and LIFECYCLE_INIT as /init."""
+    installer = gzip.decompress((INSTALLER / "initrd.gz").read_bytes())
+    kernel_version = _installer_kernel_version(installer)
+    module = _read_newc(installer, f"lib/modules/{kernel_version}/kernel/drivers/net/ethernet/intel/e1000/e1000.ko")
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    libraries = re.findall(r"(/\S+) \(0x", run("ldd", busybox).stdout)
+    files = {"init": (LIFECYCLE_INIT.encode(), 0o100755), "udhcpc.sh": (UDHCPC_SCRIPT.encode(), 0o100755),
+             "e1000.ko": (module, 0o100644), "bin/busybox": (Path(busybox).read_bytes(), 0o100755)}
+    for library in libraries:
+        files[library.lstrip("/")] = (Path(library).read_bytes(), 0o100755)
+    directories = sorted({str(Path(name).parents[i]) for name in files
+                          for i in range(len(Path(name).parents) - 1)})
+    archive = b"".join(_newc(name, b"", 0o040755) for name in directories)
+    archive += _newc("dev", b"", 0o040755) + _newc("dev/console", b"", 0o020600, (5, 1))  # init's stdout
+    archive += b"".join(_newc(name, data, mode) for name, (data, mode) in files.items())
+    archive += _newc("TRAILER!!!", b"", 0)
+    target.write_bytes(gzip.compress(archive, compresslevel=6))
+
+
+def _installer_kernel_version(archive: bytes) -> str:
+    match = re.search(rb"lib/modules/(\d[^/\0]*)/", archive)
+    if match is None:
+        raise FileNotFoundError("no lib/modules/<version>/ in the installer's initrd")
+    return match.group(1).decode()

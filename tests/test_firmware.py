@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 from dhcp_support import can_make_namespaces
 from firmware_support import (SERVER_IP, Guest, Lab, add_installer, artifacts_on_failure, guest, lab, missing_tools,
-                              serving, wait_for)
+                              lifecycle_initrd, serving, wait_for)
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.netns,
     pytest.mark.skipif(not can_make_namespaces(), reason="needs root for network namespaces"),
+    pytest.mark.timeout(600),
     pytest.mark.skipif(bool(missing_tools()), reason=f"needs Debian packages {' '.join(missing_tools())}"),
 ]
 
@@ -93,3 +94,77 @@ def test_bios_ipxe_chained_to_pxelinux_boots_the_installer_over_tftp(tmp_path: P
         assert not any("iPXE script" in line for line in timeline), timeline
         console = machine.console_text()
         assert "PXELINUX" in console and "Linux version" in console, console[-2000:]
+
+
+def test_uefi_ipxe_boots_the_installer_through_the_ipxe_script(tmp_path: Path) -> None:
+    with lab("fwuipxe", tmp_path) as the_lab, artifacts_on_failure(the_lab, "uefi-ipxe"):
+        register_installer(the_lab)
+        with serving(the_lab), guest(the_lab, "uefi-ipxe", MAC, uefi=True, nic="virtio") as machine:
+            wait_installing(the_lab, machine)
+            timeline = messages(the_lab)
+        assert_in_order(timeline,
+                        f"dhcp: ACK {GUEST_IP}, boot file http://{SERVER_IP}/ipxe/{DASHED}",
+                        "http: served iPXE script",
+                        "http: downloaded /boot/images/debian12/linux",
+                        "http: downloaded /boot/images/debian12/initrd.gz",
+                        f"http: served preseed debian-xen.cfg to {GUEST_IP}")
+        console = machine.console_text()
+        assert "iPXE" in console and "Linux version" in console, console[-2000:]
+
+
+def test_uefi_firmware_pxe_boots_the_installer_through_syslinux_efi(tmp_path: Path) -> None:
+    with lab("fwupxe", tmp_path) as the_lab, artifacts_on_failure(the_lab, "uefi-pxe"):
+        register_installer(the_lab)
+        with serving(the_lab), guest(the_lab, "uefi-pxe", MAC, uefi=True, nic="virtio",
+                                     option_rom=False) as machine:
+            wait_installing(the_lab, machine)
+            timeline = messages(the_lab)
+        assert_in_order(timeline,
+                        f"dhcp: ACK {GUEST_IP}, boot file syslinux.efi",
+                        "tftp: sent syslinux.efi",
+                        "tftp: sent ldlinux.e64",
+                        f"tftp: sent pxelinux.cfg/01-{DASHED}",
+                        "tftp: sent images/debian12/linux",
+                        "tftp: sent images/debian12/initrd.gz",
+                        f"http: served preseed debian-xen.cfg to {GUEST_IP}")
+        console = machine.console_text()
+        assert "Linux version" in console, console[-2000:]
+
+
+def test_lifecycle_in_seconds_installed_then_the_next_netboot_is_local(tmp_path: Path) -> None:
+    """A stand-in installer (busybox in a tiny initrd the test builds, on the installer's
+    kernel) fetches the preseed, calls its callback and powers off; the same guest's next
+    network boot gets the local-boot answer."""
+    with lab("fwlife", tmp_path) as the_lab, artifacts_on_failure(the_lab, "lifecycle"):
+        kernel, _ = add_installer(the_lab)
+        lifecycle_initrd(the_lab.tftproot / "images" / "debian12" / "tiny.gz")
+        the_lab.cli("profile", "add", "tiny", "--kernel", kernel, "--initrd", "images/debian12/tiny.gz",
+                    "--append", "console=ttyS0 panic=1", "--autoinstall", "debian-xen.cfg")
+        the_lab.cli("host", "add", "--mac", MAC, "--hostname", "web1", "--profile", "tiny", "--ip", GUEST_IP)
+        with serving(the_lab):
+            with guest(the_lab, "install", MAC, memory=512) as machine:
+                assert machine.wait_exit(timeout=300) == 0, machine.console_text()[-2000:]
+            console = machine.console_text()
+            assert "lifecycle: callback answered" in console and '"installed"' in console, console[-2000:]
+            assert the_lab.status(MAC) == "installed"
+            before = len(the_lab.events(MAC))
+
+            with guest(the_lab, "localboot", MAC, memory=512) as machine:
+                wait_for(lambda: True if any(e["message"].startswith("served iPXE script")
+                                             for e in the_lab.events(MAC)[before:]) else None,
+                         180, "the second boot's iPXE script", alive=machine.process, interval=2)
+                # iPXE ran the script's `exit`: the firmware goes on to its next boot device.
+                machine.wait_console("No bootable device", 120)
+            assert the_lab.http_get(f"ipxe/{DASHED}") == "#!ipxe\nexit\n"
+            assert "localboot 0" in the_lab.tftp_get(f"pxelinux.cfg/01-{DASHED}")
+            timeline = messages(the_lab)
+        assert_in_order(timeline,
+                        f"dhcp: ACK {GUEST_IP}, boot file http://{SERVER_IP}/ipxe/{DASHED}",
+                        "http: served iPXE script",
+                        "http: downloaded /boot/images/debian12/tiny.gz",
+                        f"http: served preseed debian-xen.cfg to {GUEST_IP}",
+                        "callback: install complete",
+                        f"dhcp: ACK {GUEST_IP}, boot file http://{SERVER_IP}/ipxe/{DASHED}",
+                        "http: served iPXE script")
+        assert not any(line.startswith("http: downloaded") for line in timeline[timeline.index(
+            next(line for line in timeline if line.startswith("callback: install complete"))):]), timeline
