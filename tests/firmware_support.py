@@ -1,11 +1,10 @@
-"""A lab for real firmware: QEMU guests network-booting from ``pxeserver serve``.
+"""The firmware tests' lab: QEMU guests network-booting from ``pxeserver serve``.
 
-Two network namespaces the lab creates and deletes: the server's, where ``pxeserver serve``
-runs DHCP (full mode), TFTP, HTTP and DNS on 10.77.12.1/24, and the guests', where a bridge
-joins the veth to the server and a tap that QEMU (run inside that namespace) opens. Nothing
-appears in the root namespace. QEMU runs under software emulation (``-accel tcg``), with the
-guest's serial console written to a file; a failing test keeps that console and the server's
-log under ``test-artifacts/`` at the repository root.
+The network, the server's directory and the QEMU command are `pxeserver lab`'s own
+(pxeserver/lab.py): namespaces for the server and the guests joined through a bridge and a
+tap, QEMU under software emulation (``-accel tcg``) in the guests' namespace. Here: running
+the server and guests for a test, waiting on them with bounds, keeping the serial consoles and
+the server's log under ``test-artifacts/`` when a test fails, and a tiny busybox installer.
 """
 
 from __future__ import annotations
@@ -23,56 +22,26 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from dhcp_support import run
 
+from pxeserver.lab import INSTALLER, SERVER_IF, SERVER_IP, Network, network, prepare_server, qemu_command
+
 from conftest import REPO
 
-SERVER_IP = "10.77.12.1"
-SUBNET = "10.77.12.0/24"
-SERVER_IF = "fws0"
-TESTER_IP = "10.77.12.2"  # the bridge's own address: the test's clients (curl, tftp) on the guests' network
-UPLINK_IF = "fwc0"  # the veth's end in the guests' namespace, a bridge port
-BRIDGE = "fwbr0"
-TAP = "fwtap0"
-
-INSTALLER = Path("/usr/lib/debian-installer/images/12/amd64/text/debian-installer/amd64")
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
-OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
-IPXE_ROMS = Path("/usr/lib/ipxe/qemu")  # ipxe-qemu: BIOS and EFI iPXE in one ROM per NIC
-# Bootloaders as scripts/setup copies them into tftproot/, from Debian's packages.
-LOADERS = {
-    "pxelinux.0": Path("/usr/lib/PXELINUX/pxelinux.0"),
-    "ldlinux.c32": Path("/usr/lib/syslinux/modules/bios/ldlinux.c32"),
-    "syslinux.efi": Path("/usr/lib/SYSLINUX.EFI/efi64/syslinux.efi"),
-    "ldlinux.e64": Path("/usr/lib/syslinux/modules/efi64/ldlinux.e64"),
-}
 ARTIFACTS = REPO / "test-artifacts"
+CAPTURES = REPO / "tests" / "data"
 
 T = TypeVar("T")
 _ESCAPES = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[()][0-9A-Za-z])")
-
-
-def missing_tools() -> list[str]:
-    """What the lab needs that this machine lacks, as Debian package names."""
-    needs = {
-        "qemu-system-x86": Path("/usr/bin/qemu-system-x86_64"),
-        "ipxe-qemu": IPXE_ROMS / "efi-e1000.rom",
-        "ovmf": OVMF_CODE,
-        "debian-installer-12-netboot-amd64": INSTALLER / "linux",
-        "pxelinux": LOADERS["pxelinux.0"],
-        "syslinux-efi": LOADERS["syslinux.efi"],
-    }
-    return [package for package, path in needs.items() if not path.exists()]
 
 
 @dataclass
 class Lab:
     """The namespaces, the server's working directory and the files worth keeping."""
 
-    server_ns: str
-    guest_ns: str
+    net: Network
     workdir: Path
     logs: list[Path] = field(default_factory=list)
 
@@ -88,7 +57,7 @@ class Lab:
 
     def api(self, path: str) -> object:
         """A GET on the server's API, from the server's own namespace."""
-        result = run("ip", "netns", "exec", self.server_ns, "curl", "-fsS", "--max-time", "10",
+        result = run(*self.net.in_server("curl"), "-fsS", "--max-time", "10",
                      f"http://{SERVER_IP}/api/{path}")
         return json.loads(result.stdout)
 
@@ -102,68 +71,48 @@ class Lab:
         """A file as a TFTP client on the guests' network gets it (tftp-hpa)."""
         target = self.workdir / "tftp-fetched"
         target.unlink(missing_ok=True)
-        run("ip", "netns", "exec", self.guest_ns, "tftp", SERVER_IP, "-m", "binary", "-c", "get",
+        run(*self.net.in_guests("tftp"), SERVER_IP, "-m", "binary", "-c", "get",
             name, str(target), check=False)
         return target.read_text() if target.exists() else ""
 
     def http_get(self, path: str) -> str:
-        return run("ip", "netns", "exec", self.guest_ns, "curl", "-fsS", "--max-time", "10",
+        return run(*self.net.in_guests("curl"), "-fsS", "--max-time", "10",
                    f"http://{SERVER_IP}/{path}").stdout
 
 
 @contextmanager
-def lab(tag: str, workdir: Path, *, boot: str = "") -> Iterator[Lab]:
-    """The namespaces and links, a TFTP root with Debian's loaders, and a config; the
-    namespaces are always deleted again. ``boot`` is extra ``[boot]`` TOML."""
-    pid = os.getpid()
-    the_lab = Lab(f"{tag}-{pid}-s", f"{tag}-{pid}-g", workdir)
-    for name in ("pxelinux.cfg", "images"):
-        (the_lab.tftproot / name).mkdir(parents=True, exist_ok=True)
-    for name, source in LOADERS.items():
-        shutil.copy(source, the_lab.tftproot / name)
-    (workdir / "pxeserver.toml").write_text(
-        f'[server]\naddress = "{SERVER_IP}"\n'
-        f'kickstarts = "{REPO / "kickstarts"}"\npreseeds = "{REPO / "preseeds"}"\n'
-        f"[boot]\n{boot}\n"
-        f'[dhcp]\nenabled = true\ninterface = "{SERVER_IF}"\nsubnet = "{SUBNET}"\nrouter = "{SERVER_IP}"\n'
-        '[dns]\nenabled = true\ndomain = "lab.example"\n')
-    server, guests = the_lab.server_ns, the_lab.guest_ns
-    try:
-        run("ip", "netns", "add", server)
-        run("ip", "netns", "add", guests)
-        run("ip", "link", "add", SERVER_IF, "netns", server, "type", "veth", "peer", "name", UPLINK_IF,
-            "netns", guests)
-        run("ip", "-n", server, "addr", "add", f"{SERVER_IP}/24", "dev", SERVER_IF)
-        run("ip", "-n", guests, "link", "add", BRIDGE, "type", "bridge", "forward_delay", "0")
-        run("ip", "-n", guests, "addr", "add", f"{TESTER_IP}/24", "dev", BRIDGE)
-        run("ip", "-n", guests, "tuntap", "add", "dev", TAP, "mode", "tap")
-        for port in (UPLINK_IF, TAP):
-            run("ip", "-n", guests, "link", "set", port, "master", BRIDGE)
-        for namespace, interfaces in ((server, ("lo", SERVER_IF)), (guests, ("lo", UPLINK_IF, TAP, BRIDGE))):
-            for interface in interfaces:
-                run("ip", "-n", namespace, "link", "set", interface, "up")
-        yield the_lab
-    finally:
-        for namespace in (guests, server):
-            run("ip", "netns", "del", namespace, check=False)
+def lab(tag: str, workdir: Path, *, ipxe_chain: str = "script") -> Iterator[Lab]:
+    """The lab's network (deleted again however the test ends) and a server directory."""
+    with network(tag) as net:
+        prepare_server(workdir, REPO, ipxe_chain=ipxe_chain)
+        yield Lab(net, workdir)
 
 
 @contextmanager
-def serving(the_lab: Lab) -> Iterator[Path]:
+def serving(the_lab: Lab, capture: str = "") -> Iterator[Path]:
     """``pxeserver serve`` in the server's namespace until the block ends; yields its log file.
-    SIGTERM must stop it cleanly."""
+    SIGTERM must stop it cleanly. With $PXESERVER_RECORD_DHCP set, the DHCP exchanges are
+    recorded into tests/data/dhcp-<capture>.pcap (the golden captures, test_dhcp_golden.py)."""
     log_file = the_lab.workdir / "server.log"
     the_lab.logs.append(log_file)
     with open(log_file, "w") as log:
         server = subprocess.Popen(
-            ["ip", "netns", "exec", the_lab.server_ns, sys.executable, "-m", "pxeserver", "serve"],
+            the_lab.net.in_server(sys.executable, "-m", "pxeserver", "serve"),
             cwd=the_lab.workdir, stdout=log, stderr=subprocess.STDOUT, text=True)
+    recording = capture and os.environ.get("PXESERVER_RECORD_DHCP")
+    recorder = subprocess.Popen(
+        [*the_lab.net.in_server("tcpdump"), "-i", SERVER_IF, "-U", "-Z", "root", "-w",
+         str(CAPTURES / f"dhcp-{capture}.pcap"), "udp port 67 or udp port 68"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if recording else None
     try:
         wait_for(lambda: "pxeserver: next:" in log_file.read_text() or None, 60,
                  "pxeserver serve to start", alive=server)
         assert "dhcp listening" in log_file.read_text(), log_file.read_text()
         yield log_file
     finally:
+        if recorder is not None:
+            recorder.send_signal(signal.SIGINT)
+            recorder.wait(timeout=30)
         server.send_signal(signal.SIGTERM)
         try:
             code = server.wait(timeout=30)
@@ -213,30 +162,14 @@ class Guest:
 
 
 @contextmanager
-def guest(the_lab: Lab, name: str, mac: str, *, uefi: bool = False, nic: str = "e1000",
-          option_rom: bool = True, memory: int = 1024, extra: tuple[str, ...] = ()) -> Iterator[Guest]:
-    """A QEMU guest booting from the network in the guests' namespace, killed when the block
-    ends. ``option_rom`` False leaves the NIC without iPXE, so the firmware's own PXE runs."""
+def guest(the_lab: Lab, name: str, mac: str, **machine: Any) -> Iterator[Guest]:
+    """A QEMU guest booting from the network (pxeserver.lab.qemu_command takes ``machine``),
+    killed when the block ends."""
     console = the_lab.workdir / f"{name}.console.log"
     the_lab.logs.append(console)
-    rom = f"romfile={IPXE_ROMS / f'efi-{nic}.rom'}" if option_rom else "romfile="
-    nic_device = {"e1000": "e1000", "virtio": "virtio-net-pci"}[nic]
-    command = [
-        "ip", "netns", "exec", the_lab.guest_ns, "qemu-system-x86_64", "-accel", "tcg",
-        "-m", str(memory), "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot",
-        "-serial", f"file:{console}", "-boot", "n",
-        "-netdev", f"tap,id=net0,ifname={TAP},script=no,downscript=no",
-        "-device", f"{nic_device},netdev=net0,mac={mac},{rom}",
-    ]
-    if uefi:
-        variables = the_lab.workdir / f"{name}.OVMF_VARS.fd"
-        shutil.copy(OVMF_VARS, variables)
-        command += ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
-                    "-drive", f"if=pflash,format=raw,file={variables}"]
-    else:
-        command += ["-device", "sga"]  # SeaBIOS and iPXE text on the serial console
-    process = subprocess.Popen([*command, *extra], stdout=subprocess.DEVNULL,
-                               stderr=open(the_lab.workdir / f"{name}.qemu.log", "w"), text=True)
+    command = qemu_command(the_lab.net, the_lab.workdir, name, serial=f"file:{console}", mac=mac, **machine)
+    with open(the_lab.workdir / f"{name}.qemu.log", "w") as errors:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, text=True)
     try:
         yield Guest(process, console)
     finally:
@@ -259,16 +192,6 @@ def artifacts_on_failure(the_lab: Lab, name: str) -> Iterator[None]:
                 shutil.copy(path, target / path.name)
         print(f"artifacts (serial consoles, server log): {target}")
         raise
-
-
-def add_installer(the_lab: Lab, name: str = "debian12") -> tuple[str, str]:
-    """Debian's netboot installer under tftproot/images/<name>/; its kernel and initrd paths."""
-    images = the_lab.tftproot / "images" / name
-    images.mkdir(parents=True, exist_ok=True)
-    for file in ("linux", "initrd.gz"):
-        shutil.copy(INSTALLER / file, images / file)
-    return f"images/{name}/linux", f"images/{name}/initrd.gz"
-
 
 
 # -- a tiny installer: busybox fetches the autoinstall file and calls its callback ----------

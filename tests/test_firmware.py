@@ -16,25 +16,25 @@ from pathlib import Path
 
 import pytest
 from dhcp_support import can_make_namespaces
-from firmware_support import (SERVER_IP, Guest, Lab, add_installer, artifacts_on_failure, guest, lab, missing_tools,
-                              lifecycle_initrd, serving, wait_for)
+from firmware_support import Guest, Lab, artifacts_on_failure, guest, lab, lifecycle_initrd, serving, wait_for
+
+from pxeserver.lab import GUEST_IP, GUEST_MAC, SERVER_IP, copy_installer, missing_packages
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.netns,
     pytest.mark.skipif(not can_make_namespaces(), reason="needs root for network namespaces"),
     pytest.mark.timeout(600),
-    pytest.mark.skipif(bool(missing_tools()), reason=f"needs Debian packages {' '.join(missing_tools())}"),
+    pytest.mark.skipif(bool(missing_packages()), reason=f"needs Debian packages {' '.join(missing_packages())}"),
 ]
 
-MAC = "52:54:00:12:00:01"
-GUEST_IP = "10.77.12.50"
+MAC = GUEST_MAC
 DASHED = MAC.replace(":", "-")
 INSTALLER_TIMEOUT = 420  # seconds from power-on to the preseed fetch, under TCG on a busy machine
 
 
 def register_installer(the_lab: Lab) -> None:
-    kernel, initrd = add_installer(the_lab)
+    kernel, initrd = copy_installer(the_lab.tftproot)
     the_lab.cli("profile", "add", "debian12", "--kernel", kernel, "--initrd", initrd,
                 "--append", "console=ttyS0", "--autoinstall", "debian-xen.cfg")
     the_lab.cli("host", "add", "--mac", MAC, "--hostname", "web1", "--profile", "debian12", "--ip", GUEST_IP)
@@ -62,7 +62,7 @@ def assert_in_order(timeline: list[str], *steps: str) -> None:
 def test_bios_ipxe_boots_the_installer_through_the_ipxe_script(tmp_path: Path) -> None:
     with lab("fwipxe", tmp_path) as the_lab, artifacts_on_failure(the_lab, "bios-ipxe"):
         register_installer(the_lab)
-        with serving(the_lab), guest(the_lab, "bios-ipxe", MAC) as machine:
+        with serving(the_lab, "bios-ipxe"), guest(the_lab, "bios-ipxe", MAC) as machine:
             wait_installing(the_lab, machine)
             timeline = messages(the_lab)
         assert_in_order(timeline,
@@ -77,10 +77,10 @@ def test_bios_ipxe_boots_the_installer_through_the_ipxe_script(tmp_path: Path) -
 
 
 def test_bios_ipxe_chained_to_pxelinux_boots_the_installer_over_tftp(tmp_path: Path) -> None:
-    with lab("fwpxl", tmp_path, boot='ipxe_chain = "pxelinux"') as the_lab, \
+    with lab("fwpxl", tmp_path, ipxe_chain="pxelinux") as the_lab, \
             artifacts_on_failure(the_lab, "bios-pxelinux"):
         register_installer(the_lab)
-        with serving(the_lab), guest(the_lab, "bios-pxelinux", MAC) as machine:
+        with serving(the_lab, "bios-pxelinux"), guest(the_lab, "bios-pxelinux", MAC) as machine:
             wait_installing(the_lab, machine)
             timeline = messages(the_lab)
         assert_in_order(timeline,
@@ -99,7 +99,7 @@ def test_bios_ipxe_chained_to_pxelinux_boots_the_installer_over_tftp(tmp_path: P
 def test_uefi_ipxe_boots_the_installer_through_the_ipxe_script(tmp_path: Path) -> None:
     with lab("fwuipxe", tmp_path) as the_lab, artifacts_on_failure(the_lab, "uefi-ipxe"):
         register_installer(the_lab)
-        with serving(the_lab), guest(the_lab, "uefi-ipxe", MAC, uefi=True, nic="virtio") as machine:
+        with serving(the_lab, "uefi-ipxe"), guest(the_lab, "uefi-ipxe", MAC, uefi=True, nic="virtio") as machine:
             wait_installing(the_lab, machine)
             timeline = messages(the_lab)
         assert_in_order(timeline,
@@ -115,7 +115,7 @@ def test_uefi_ipxe_boots_the_installer_through_the_ipxe_script(tmp_path: Path) -
 def test_uefi_firmware_pxe_boots_the_installer_through_syslinux_efi(tmp_path: Path) -> None:
     with lab("fwupxe", tmp_path) as the_lab, artifacts_on_failure(the_lab, "uefi-pxe"):
         register_installer(the_lab)
-        with serving(the_lab), guest(the_lab, "uefi-pxe", MAC, uefi=True, nic="virtio",
+        with serving(the_lab, "uefi-pxe"), guest(the_lab, "uefi-pxe", MAC, uefi=True, nic="virtio",
                                      option_rom=False) as machine:
             wait_installing(the_lab, machine)
             timeline = messages(the_lab)
@@ -136,12 +136,12 @@ def test_lifecycle_in_seconds_installed_then_the_next_netboot_is_local(tmp_path:
     kernel) fetches the preseed, calls its callback and powers off; the same guest's next
     network boot gets the local-boot answer."""
     with lab("fwlife", tmp_path) as the_lab, artifacts_on_failure(the_lab, "lifecycle"):
-        kernel, _ = add_installer(the_lab)
+        kernel, _ = copy_installer(the_lab.tftproot)
         lifecycle_initrd(the_lab.tftproot / "images" / "debian12" / "tiny.gz")
         the_lab.cli("profile", "add", "tiny", "--kernel", kernel, "--initrd", "images/debian12/tiny.gz",
                     "--append", "console=ttyS0 panic=1", "--autoinstall", "debian-xen.cfg")
         the_lab.cli("host", "add", "--mac", MAC, "--hostname", "web1", "--profile", "tiny", "--ip", GUEST_IP)
-        with serving(the_lab):
+        with serving(the_lab, "lifecycle"):
             with guest(the_lab, "install", MAC, memory=512) as machine:
                 assert machine.wait_exit(timeout=300) == 0, machine.console_text()[-2000:]
             console = machine.console_text()
