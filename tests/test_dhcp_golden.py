@@ -1,8 +1,10 @@
 """Golden captures: the DHCP exchanges of real clients, replayed through our parser and responder.
 
 tests/data/dhcp-<scenario>.pcap were recorded once from the firmware lab (tests/test_firmware.py
-with $PXESERVER_RECORD_DHCP=1): iPXE (BIOS and EFI), OVMF's own PXE, syslinux.efi, Debian's
-installer and busybox udhcpc talking to `pxeserver serve`. Here, without a network:
+with $PXESERVER_RECORD_DHCP=1, tcpdump in the server's namespace): iPXE's BIOS and EFI ROMs
+(user class "iPXE", arch 0 and 7), OVMF's own PXE (arch 7, no user class), syslinux.efi's own
+DHCP (no PXE options at all), Debian's installer (vendor class "d-i") and busybox udhcpc in
+the lifecycle test's tiny initrd, each talking to `pxeserver serve`. Here, without a network:
 - our codec reads every packet of them, requests and the replies those clients accepted, as
   scapy (an independent implementation) reads them;
 - our responder, with the registry and settings the lab had, answers each recorded request
@@ -47,15 +49,15 @@ def dhcp_packets(capture: Path) -> list[tuple[bytes, BOOTP, str]]:
 
 
 def scapy_options(bootp: BOOTP) -> dict[int, bytes]:
-    """The options as scapy decodes them, re-encoded one by one: code to raw value."""
+    """The options as scapy decodes them, re-encoded one by one: code to value bytes."""
     options = {}
     for option in bootp[DHCP].options:
         if not isinstance(option, tuple):
-            continue
+            continue  # "end" and "pad"
         name = option[0]
         code = DHCPRevOptions[name][0] if name in DHCPRevOptions else int(name)
-        raw = bytes(DHCP(options=[option]))[2:]  # code, length, value...
-        options[code] = raw
+        raw = bytes(DHCP(options=[option]))  # code, length, value
+        options[code] = raw[2:2 + raw[1]]
     return options
 
 
@@ -66,17 +68,15 @@ def test_our_codec_reads_every_recorded_packet_as_scapy_does(capture: Path) -> N
     assert packets, f"{capture.name} holds no DHCP packets"
     for payload, bootp, _ in packets:
         packet = codec.parse(payload)
-        assert (packet.op, packet.xid, packet.flags) == (bootp.op, bootp.xid, bootp.flags)
+        assert (packet.op, packet.xid, packet.flags) == (bootp.op, bootp.xid, int(bootp.flags))
         assert (packet.ciaddr, packet.yiaddr, packet.siaddr, packet.giaddr) == (
             bootp.ciaddr, bootp.yiaddr, bootp.siaddr, bootp.giaddr)
         assert packet.mac is not None and packet.mac.packed == bytes(bootp.chaddr)[:6]
         assert packet.file == bytes(bootp.file).rstrip(b"\0")
         expected = scapy_options(bootp)
-        assert packet.message_type == expected[53][2]
-        for code, raw in expected.items():
-            if code in (0, 255):
-                continue
-            assert packet.options.get(code) == raw[2:], (capture.name, code)
+        assert packet.message_type == expected[53][0]
+        for code, value in expected.items():
+            assert packet.options.get(code) == value, (capture.name, code)
 
 
 @pytest.fixture
@@ -97,11 +97,10 @@ def describe(payload: bytes) -> dict[str, object]:
     """A reply as scapy reads it, in a form a reviewer can read in the golden file's diff."""
     bootp = BOOTP(payload)
     return {
-        "op": bootp.op, "xid": f"{bootp.xid:#010x}", "flags": bootp.flags,
+        "op": bootp.op, "xid": f"{bootp.xid:#010x}", "flags": int(bootp.flags),
         "yiaddr": bootp.yiaddr, "siaddr": bootp.siaddr, "giaddr": bootp.giaddr,
         "file": bytes(bootp.file).rstrip(b"\0").decode(),
-        "options": {str(code): raw[2:].hex() for code, raw in sorted(scapy_options(bootp).items())
-                    if code not in (0, 255)},
+        "options": {str(code): value.hex() for code, value in sorted(scapy_options(bootp).items())},
     }
 
 
