@@ -158,7 +158,10 @@ class Guest:
                  f"{text!r} on the serial console", alive=self.process)
 
     def wait_exit(self, timeout: float) -> int:
-        return self.process.wait(timeout=timeout)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the guest was still running after {timeout:.0f} s") from None
 
 
 @contextmanager

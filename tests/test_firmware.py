@@ -67,7 +67,7 @@ def test_bios_ipxe_boots_the_installer_through_the_ipxe_script(tmp_path: Path) -
             timeline = messages(the_lab)
         assert_in_order(timeline,
                         f"dhcp: ACK {GUEST_IP}, boot file http://{SERVER_IP}/ipxe/{DASHED}",
-                        "http: served iPXE script",
+                        f"http: served iPXE script to {GUEST_IP}",
                         "http: downloaded /boot/images/debian12/linux",
                         "http: downloaded /boot/images/debian12/initrd.gz",
                         f"dhcp: ACK {GUEST_IP}, boot file",  # the installer's own DHCP
@@ -104,7 +104,7 @@ def test_uefi_ipxe_boots_the_installer_through_the_ipxe_script(tmp_path: Path) -
             timeline = messages(the_lab)
         assert_in_order(timeline,
                         f"dhcp: ACK {GUEST_IP}, boot file http://{SERVER_IP}/ipxe/{DASHED}",
-                        "http: served iPXE script",
+                        f"http: served iPXE script to {GUEST_IP}",
                         "http: downloaded /boot/images/debian12/linux",
                         "http: downloaded /boot/images/debian12/initrd.gz",
                         f"http: served preseed debian-xen.cfg to {GUEST_IP}")
@@ -155,16 +155,16 @@ def test_lifecycle_in_seconds_installed_then_the_next_netboot_is_local(tmp_path:
                          180, "the second boot's iPXE script", alive=machine.process, interval=2)
                 # iPXE ran the script's `exit`: the firmware goes on to its next boot device.
                 machine.wait_console("No bootable device", 120)
+            timeline = messages(the_lab)
             assert the_lab.http_get(f"ipxe/{DASHED}") == "#!ipxe\nexit\n"
             assert "localboot 0" in the_lab.tftp_get(f"pxelinux.cfg/01-{DASHED}")
-            timeline = messages(the_lab)
         assert_in_order(timeline,
                         f"dhcp: ACK {GUEST_IP}, boot file http://{SERVER_IP}/ipxe/{DASHED}",
-                        "http: served iPXE script",
+                        f"http: served iPXE script to {GUEST_IP}",
                         "http: downloaded /boot/images/debian12/tiny.gz",
                         f"http: served preseed debian-xen.cfg to {GUEST_IP}",
                         "callback: install complete",
                         f"dhcp: ACK {GUEST_IP}, boot file http://{SERVER_IP}/ipxe/{DASHED}",
-                        "http: served iPXE script")
-        assert not any(line.startswith("http: downloaded") for line in timeline[timeline.index(
-            next(line for line in timeline if line.startswith("callback: install complete"))):]), timeline
+                        f"http: served iPXE script to {GUEST_IP}")
+        installed = next(i for i, line in enumerate(timeline) if line.startswith("callback: install complete"))
+        assert not any(line.startswith("http: downloaded") for line in timeline[installed:]), timeline
