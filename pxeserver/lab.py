@@ -226,6 +226,9 @@ def run(*, uefi: bool, firmware_pxe: bool, pxelinux: bool, memory: int, timeout:
     except RuntimeError as exc:  # the server did not start, or registering the host failed
         print(f"pxeserver lab: {exc}", file=sys.stderr)
         return 1
+    except subprocess.CalledProcessError as exc:  # building the network (a name in use, no tun)
+        print(f"pxeserver lab: {' '.join(exc.cmd)} failed: {exc.stderr.strip()}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         interrupted = True
         return 130
