@@ -99,12 +99,17 @@ def serving(the_lab: Lab, capture: str = "") -> Iterator[Path]:
         server = subprocess.Popen(
             the_lab.net.in_server(sys.executable, "-m", "pxeserver", "serve"),
             cwd=the_lab.workdir, stdout=log, stderr=subprocess.STDOUT, text=True)
-    recording = capture and os.environ.get("PXESERVER_RECORD_DHCP")
-    recorder = subprocess.Popen(
-        [*the_lab.net.in_server("tcpdump"), "-i", SERVER_IF, "-U", "-Z", "root", "-w",
-         str(CAPTURES / f"dhcp-{capture}.pcap"), "udp port 67 or udp port 68"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if recording else None
+    recorder: subprocess.Popen[bytes] | None = None
     try:
+        if capture and os.environ.get("PXESERVER_RECORD_DHCP"):
+            recorder_log = the_lab.workdir / "tcpdump.log"
+            with open(recorder_log, "w") as errors:
+                recorder = subprocess.Popen(
+                    [*the_lab.net.in_server("tcpdump"), "-i", SERVER_IF, "-U", "-Z", "root", "-w",
+                     str(CAPTURES / f"dhcp-{capture}.pcap"), "udp port 67 or udp port 68"],
+                    stdout=subprocess.DEVNULL, stderr=errors)
+            wait_for(lambda: True if "listening on" in recorder_log.read_text() else None, 30,
+                     "tcpdump to start", alive=recorder, interval=0.2)
         wait_for(lambda: "pxeserver: next:" in log_file.read_text() or None, 60,
                  "pxeserver serve to start", alive=server)
         assert "dhcp listening" in log_file.read_text(), log_file.read_text()

@@ -3,8 +3,8 @@
 tests/data/dhcp-<scenario>.pcap were recorded once from the firmware lab (tests/test_firmware.py
 with $PXESERVER_RECORD_DHCP=1, tcpdump in the server's namespace): iPXE's BIOS and EFI ROMs
 (user class "iPXE", arch 0 and 7), OVMF's own PXE (arch 7, no user class), syslinux.efi's own
-DHCP (no PXE options at all), Debian's installer (vendor class "d-i") and busybox udhcpc in
-the lifecycle test's tiny initrd, each talking to `pxeserver serve`. Here, without a network:
+DHCP (no PXE options at all), Debian's installer (vendor class "d-i"), busybox udhcpc in
+the lifecycle test's tiny initrd and pypxeboot's client, each talking to `pxeserver serve`. Here, without a network:
 - our codec reads every packet of them, requests and the replies those clients accepted, as
   scapy (an independent implementation) reads them;
 - our responder, with the registry and settings the lab had, answers each recorded request

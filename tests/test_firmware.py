@@ -12,13 +12,15 @@ test-artifacts/.
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
-from dhcp_support import can_make_namespaces
+from dhcp_support import can_make_namespaces, run
 from firmware_support import Guest, Lab, artifacts_on_failure, guest, lab, lifecycle_initrd, serving, wait_for
 
-from pxeserver.lab import GUEST_IP, GUEST_MAC, SERVER_IP, copy_installer, missing_packages
+from pxeserver.lab import BRIDGE, GUEST_IP, GUEST_MAC, SERVER_IP, copy_installer, missing_packages
 
 pytestmark = [
     pytest.mark.slow,
@@ -168,3 +170,18 @@ def test_lifecycle_in_seconds_installed_then_the_next_netboot_is_local(tmp_path:
                         f"http: served iPXE script to {GUEST_IP}")
         installed = next(i for i, line in enumerate(timeline) if line.startswith("callback: install complete"))
         assert not any(line.startswith("http: downloaded") for line in timeline[installed:]), timeline
+
+
+def test_pypxeboot_gets_its_lease_on_the_same_bridge(tmp_path: Path) -> None:
+    """pypxeboot's DHCP client, as xl runs it in dom0 on the guests' bridge with the guest's
+    MAC (no firmware here: its exchange joins the golden captures)."""
+    with lab("fwpxb", tmp_path) as the_lab, artifacts_on_failure(the_lab, "pypxeboot"):
+        register_installer(the_lab)
+        with serving(the_lab, "pypxeboot"):
+            lease = run(*the_lab.net.in_guests(
+                sys.executable, "-c", "import dataclasses, json, sys; from pxeserver.mac import MacAddress; "
+                "from pxeserver.pypxeboot.dhcp import obtain_lease; "
+                "print(json.dumps(dataclasses.asdict(obtain_lease(MacAddress.parse(sys.argv[1]), sys.argv[2]))))",
+                MAC, BRIDGE), timeout=60).stdout
+        assert json.loads(lease) == {"ip": GUEST_IP, "next_server": SERVER_IP, "boot_file": "pxelinux.0",
+                                     "hostname": "web1"}
