@@ -1,4 +1,5 @@
-"""The ``pxeserver`` command line (click): serve, profile, host, domu-config and build-pypxeboot.
+"""The ``pxeserver`` command line (click): serve, profile, host, domu-config, build-pypxeboot
+and lab.
 
 Every change goes through :class:`~pxeserver.provisioning.Provisioning`, the same code the API
 uses, so the CLI accepts and refuses exactly what the API does. Bad input exits with status 1
@@ -282,6 +283,21 @@ def build_pypxeboot(output: Path) -> None:
     except OSError as exc:
         _fail(f"cannot write {output}: {exc.strerror}")
     click.echo(f"wrote {output} ({size} bytes): copy it to each dom0, it runs with {INTERPRETER}")
+
+
+@cli.command()
+@click.option("--uefi", is_flag=True, help="OVMF (UEFI) instead of SeaBIOS.")
+@click.option("--firmware-pxe", is_flag=True, help="With --uefi: the firmware's own PXE, no iPXE ROM.")
+@click.option("--pxelinux", is_flag=True, help="Steer iPXE to pxelinux over TFTP ([boot] ipxe_chain).")
+@click.option("--memory", type=int, default=1024, show_default=True, help="Guest memory in MB.")
+@click.option("--until", type=click.Choice(["netbooting", "installing"]),
+              help="Stop (exit 0) once the host reaches this status; else run until Ctrl-C.")
+@click.option("--timeout", type=float, default=3600, show_default=True, help="Seconds before giving up.")
+def lab(**options: Any) -> None:
+    """Boot a QEMU guest from the network against a throwaway server (root; tears down on exit)."""
+    from pxeserver import lab as lab_module
+
+    sys.exit(lab_module.run(**options))
 
 
 def main() -> None:

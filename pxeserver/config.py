@@ -47,6 +47,9 @@ class BootSection:
     default_profile: str = ""
     efi_loader: str = "syslinux.efi"  # boot file for x64 UEFI firmware
     bios_loader: str = "pxelinux.0"
+    # What iPXE clients are handed: "script" (/ipxe/<mac> over HTTP) or "pxelinux" (the
+    # firmware's loader above over TFTP, for admins who want pxelinux menus).
+    ipxe_chain: str = "script"
 
 
 @dataclass
@@ -306,6 +309,8 @@ def validate(config: Config) -> None:
             validate_profile_name(config.boot.default_profile)
     except ValidationError as exc:
         _fail("boot", "default_profile", f"must be a profile name: {exc}")
+    if config.boot.ipxe_chain not in ("script", "pxelinux"):
+        _fail("boot", "ipxe_chain", f"must be 'script' or 'pxelinux', not {config.boot.ipxe_chain!r}")
     for key in ("efi_loader", "bios_loader"):
         try:
             validate_boot_path(key, getattr(config.boot, key))
