@@ -122,6 +122,14 @@ class XenSection:
 
 
 @dataclass
+class ImportsSection:
+    max_file_mb: int = 4096  # a kernel or initrd larger than this is refused (a runaway download)
+    # Directories whose trees and images POST /api/imports may read; empty: the API imports only
+    # from http(s):// URLs (the CLI reads any path its user can).
+    api_local_roots: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     boot: BootSection = field(default_factory=BootSection)
@@ -131,6 +139,7 @@ class Config:
     dns: DnsSection = field(default_factory=DnsSection)
     api: ApiSection = field(default_factory=ApiSection)
     xen: XenSection = field(default_factory=XenSection)
+    imports: ImportsSection = field(default_factory=ImportsSection)
     base_dir: Path = field(default_factory=Path.cwd)
     source: str = "built-in defaults"
 
@@ -373,6 +382,11 @@ def validate(config: Config) -> None:
         except ValueError:
             _fail("dns", "upstream", f"must be an IPv4 address[:port], not {config.dns.upstream!r}")
 
+    _range(config, "imports", "max_file_mb", 1, 1 << 20)
+    for root in config.imports.api_local_roots:
+        if not isinstance(root, str) or not root.startswith("/"):
+            _fail("imports", "api_local_roots", f"must be absolute directory paths, not {root!r}")
+
     if not _TOKEN.match(config.api.token):
         _fail("api", "token", "must be printable ASCII without spaces")
 
@@ -392,7 +406,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: {exc}") from None
         for key, values in data.items():
-            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api", "xen"):
+            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api", "xen", "imports"):
                 raise ConfigError(f"{file}: unknown section [{key}]")
             _apply(getattr(config, key), values, f"{file}: [{key}]")
         config.base_dir = file.resolve().parent
