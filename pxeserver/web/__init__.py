@@ -8,7 +8,7 @@ from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 
 from pxeserver.app import Context
-from pxeserver.web import api, files
+from pxeserver.web import api, files, imports
 
 MAX_BODY_BYTES = 256 * 1024
 
@@ -34,5 +34,6 @@ def create_app(context: Context) -> Flask:
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["pxeserver"] = context
     app.register_blueprint(api.blueprint)
+    app.register_blueprint(imports.blueprint)
     app.register_blueprint(files.blueprint)
     return app
