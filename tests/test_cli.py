@@ -65,6 +65,7 @@ def test_profile_and_host_lifecycle(workdir: Path) -> None:
     assert "localboot 0" in (workdir / "tftproot" / "pxelinux.cfg" / "01-00-16-3e-aa-bb-cc").read_text()
     run(workdir, "host", "rm", mac)
     run(workdir, "host", "rm", "00:16:3e:aa:bb:cc")
+    run(workdir, "profile", "rm", "late")
     run(workdir, "profile", "rm", "deb")
     assert "deb" not in run(workdir, "profile", "list").stdout
 

@@ -112,16 +112,19 @@ def list_profiles() -> Response:
     return jsonify([_profile(p) for p in _context().store.list_profiles()])
 
 
-def _with_warnings(profile: Profile) -> dict[str, Any]:
-    """A profile just written, with a warning for each file the TFTP root does not serve."""
-    return {**_profile(profile),
-            "warnings": bootfiles.missing_files(_context().config.tftp_root, profile)}
+def _with_warnings(profile: Profile) -> Response:
+    """A profile just written, with an HTTP ``Warning`` (199) for each file the TFTP root does
+    not serve: the body stays the profile, which a client may write back as it is."""
+    response = jsonify(_profile(profile))
+    for warning in bootfiles.missing_files(_context().config.tftp_root, profile):
+        response.headers.add("Warning", '199 pxeserver "{}"'.format(warning.replace('"', "'")))
+    return response
 
 
 @blueprint.post("/profiles")
 def add_profile() -> tuple[Response, int]:
     profile = _context().provisioning.add_profile(_body())
-    return jsonify(_with_warnings(profile)), 201
+    return _with_warnings(profile), 201
 
 
 @blueprint.get("/profiles/<name>")
@@ -140,7 +143,7 @@ def profile_files(name: str) -> Response:
 
 @blueprint.put("/profiles/<name>")
 def replace_profile(name: str) -> Response:
-    return jsonify(_with_warnings(_context().provisioning.replace_profile(name, _body())))
+    return _with_warnings(_context().provisioning.replace_profile(name, _body()))
 
 
 @blueprint.delete("/profiles/<name>")
