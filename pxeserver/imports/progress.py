@@ -56,7 +56,7 @@ class BarProgress(LineProgress):
 
     def begin(self, label: str, total: int) -> None:
         self._bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
-                         file=self.stream, leave=True, dynamic_ncols=True)
+                         file=self.stream, leave=True)
 
     def advance(self, count: int) -> None:
         if self._bar is not None:
