@@ -12,6 +12,7 @@ import fcntl
 import functools
 import hashlib
 import http.server
+import io
 import json
 import os
 import pty
@@ -266,15 +267,34 @@ def test_tarball_leading_outside_is_refused_whole(tmp_path: Path, workdir: Path,
     with tarfile.open(archive, "w") as tar:
         initrd = tarfile.TarInfo("debian-installer/amd64/initrd.gz")
         initrd.size = 4
-        tar.addfile(initrd, __import__("io").BytesIO(b"gzip"))
+        tar.addfile(initrd, io.BytesIO(b"gzip"))
         evil = tarfile.TarInfo(member)
         evil.type, evil.linkname = kind, target
         evil.size = 4 if kind == tarfile.REGTYPE else 0
-        tar.addfile(evil, __import__("io").BytesIO(b"evil") if kind == tarfile.REGTYPE else None)
+        tar.addfile(evil, io.BytesIO(b"evil") if kind == tarfile.REGTYPE else None)
     result = run(workdir, "import", "evil", str(archive), ok=False)
     assert f"is refused: member {member!r}" in one_error_line(result)
     assert_nothing_imported(workdir, "evil")
     assert not (workdir / "tftproot" / "escaped").exists() and not (workdir / "escaped").exists()
+
+
+def test_ubuntu_images_directory_with_sha256sums(tmp_path: Path, workdir: Path) -> None:
+    """Ubuntu 20.04's legacy installer images/ directory: netboot/ubuntu-installer/ and a
+    SHA256SUMS beside netboot/."""
+    netboot = tmp_path / "images" / "netboot" / "ubuntu-installer" / "amd64"
+    netboot.mkdir(parents=True)
+    sums = ""
+    for name in ("linux", "initrd.gz"):
+        data = hashlib.sha256(name.encode()).digest() * 4096
+        (netboot / name).write_bytes(data)
+        sums += f"{hashlib.sha256(data).hexdigest()}  ./netboot/ubuntu-installer/amd64/{name}\n"
+    (tmp_path / "images" / "SHA256SUMS").write_text(sums)
+    with serving(tmp_path / "images") as url:
+        result = run(workdir, "import", "focal", url)
+    assert "found Ubuntu installer (netboot/ubuntu-installer/amd64/)" in result.stderr
+    assert result.stderr.count("matches SHA256SUMS") == 2
+    shown = show(workdir, "focal")
+    assert (shown["autoinstall"], shown["append"]) == ("ubuntu-xen.cfg", "console=hvc0")
 
 
 # -- Red Hat trees: ISO, directory, http:// -----------------------------------------------------
@@ -443,7 +463,7 @@ def test_a_version_1_registry_is_migrated_and_keeps_its_profiles(tmp_path: Path)
 
 def test_api_import_shows_progress_and_needs_the_token(tmp_path: Path, config: Config) -> None:
     config.api.token = "s3cret"
-    redhat_tree(tmp_path / "centos", CENTOS5_TREEINFO, sizes=4 << 20)
+    contents = redhat_tree(tmp_path / "centos", CENTOS5_TREEINFO, sizes=4 << 20)
     context = app.build(config)
     client = create_app(context).test_client()
     admin = {"Authorization": "Bearer s3cret"}
@@ -454,6 +474,9 @@ def test_api_import_shows_progress_and_needs_the_token(tmp_path: Path, config: C
             assert client.get("/api/imports").status_code == 401
             refused = client.post("/api/imports", json={"name": "x", "source": str(tmp_path / "centos")}, headers=admin)
             assert refused.status_code == 400 and "[imports] api_local_roots" in refused.get_json()["error"]
+            for bad in ({"name": "../x", "source": url}, {"name": "x", "source": url, "arch": "sparc"},
+                        {"name": "x"}, {"name": "x", "source": url, "extra": 1}, ["x"]):
+                assert client.post("/api/imports", json=bad, headers=admin).status_code == 400, bad
             started = client.post("/api/imports", json=body, headers=admin)
             assert started.status_code == 202, started.get_json()
             location = started.headers["Location"]
@@ -475,6 +498,8 @@ def test_api_import_shows_progress_and_needs_the_token(tmp_path: Path, config: C
         assert client.get("/api/profiles/centos5/files").status_code == 401
         files = client.get("/api/profiles/centos5/files", headers=admin).get_json()
         assert (files["kernel"]["size"], files["kernel"]["matches"], files["initrd"]["matches"]) == (4 << 20, True, True)
+        served = client.get("/boot/images/centos5/vmlinuz")  # what pypxeboot and iPXE fetch
+        assert served.status_code == 200 and served.data == contents["images/xen/vmlinuz"]
         late = client.post("/api/profiles", headers=admin, json={"name": "late", "kernel": "images/late/k",
                                                                  "initrd": "images/centos5/initrd.img"})
         assert late.status_code == 201
@@ -488,5 +513,29 @@ def test_api_import_shows_progress_and_needs_the_token(tmp_path: Path, config: C
                 break
             time.sleep(0.05)
         assert job["state"] == "failed" and job["error"].startswith("cannot reach")  # the server is gone
+    finally:
+        context.close()
+
+
+def test_api_imports_a_local_tree_only_under_its_roots(tmp_path: Path, config: Config) -> None:
+    redhat_tree(tmp_path / "mirror" / "centos", CENTOS5_TREEINFO)
+    redhat_tree(tmp_path / "elsewhere", CENTOS5_TREEINFO)
+    config.imports.api_local_roots = [str(tmp_path / "mirror")]
+    context = app.build(config)
+    client = create_app(context).test_client()
+    try:
+        (tmp_path / "mirror" / "link").symlink_to(tmp_path / "elsewhere")
+        for outside in (tmp_path / "elsewhere", tmp_path / "mirror" / "link", tmp_path / "mirror" / ".." / "elsewhere"):
+            assert client.post("/api/imports", json={"name": "c5", "source": str(outside)}).status_code == 400
+        started = client.post("/api/imports", json={"name": "c5", "source": str(tmp_path / "mirror" / "centos")})
+        assert started.status_code == 202
+        for _ in range(600):
+            job = client.get(started.headers["Location"]).get_json()
+            if job["state"] != "running":
+                break
+            time.sleep(0.05)
+        assert job["state"] == "done", job
+        assert [j["id"] for j in client.get("/api/imports").get_json()] == [job["id"]]
+        assert context.store.get_profile("c5").append == "console=xvc0"
     finally:
         context.close()

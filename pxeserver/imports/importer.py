@@ -30,7 +30,7 @@ from pxeserver.app import Context
 from pxeserver.bootfiles import CHUNK, hash_stream
 from pxeserver.imports.layouts import Layout, detect
 from pxeserver.imports.progress import Progress
-from pxeserver.imports.sources import Source, SourceError, open_source
+from pxeserver.imports.sources import Source, SourceError, open_source, read_chunk
 from pxeserver.imports.verify import ALGORITHMS
 from pxeserver.registry import BootFile, Conflict, NotFound, Profile
 from pxeserver.registry.models import validate_profile_name
@@ -155,7 +155,7 @@ def _copy(source: Source, layout: Layout, role: str, size: int, target: Path, pu
     progress.begin(target.name, size)
     try:
         with source.open(path) as stream, open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
-            while chunk := stream.read(min(CHUNK, size + 1 - done)):
+            while chunk := read_chunk(stream, min(CHUNK, size + 1 - done), path, source):
                 done += len(chunk)
                 if done > size:
                     raise SourceError(f"{path} in {source.description} is longer than its {size} bytes")

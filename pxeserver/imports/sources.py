@@ -18,6 +18,7 @@ import tarfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import BinaryIO
@@ -71,7 +72,7 @@ class Source(ABC):
         if size > TEXT_LIMIT:
             raise SourceError(f"{path} in {self.description} is larger than {TEXT_LIMIT} bytes")
         with self.open(path) as stream:
-            data = stream.read(TEXT_LIMIT + 1)
+            data = read_chunk(stream, TEXT_LIMIT + 1, path, self)
         return data.decode("utf-8", errors="replace")
 
 
@@ -80,19 +81,18 @@ class DirectorySource(Source):
         self.root = root.resolve()
         self.description = str(root)
 
-    def _path(self, path: str) -> Path | None:
+    def _path(self, path: str) -> Path:
         real = Path(os.path.realpath(self.root / _normal(path)))
         if real != self.root and self.root not in real.parents:
             raise SourceError(f"{path} in {self.description} is a symlink leading outside it")
         return real
 
     def size(self, path: str) -> int | None:
-        real = self._path(path)
         try:
-            info = real.stat() if real else None
+            info = self._path(path).stat()
         except OSError:
             return None
-        return info.st_size if info and stat.S_ISREG(info.st_mode) else None
+        return info.st_size if stat.S_ISREG(info.st_mode) else None
 
     def open(self, path: str) -> BinaryIO:
         real = self._path(path)
@@ -228,6 +228,16 @@ class HttpSource(Source):
         except (urllib.error.URLError, OSError) as exc:
             raise SourceError(f"cannot reach {self._url(path)}: {getattr(exc, 'reason', exc)}") from None
         return reply  # type: ignore[return-value]
+
+
+def read_chunk(stream: BinaryIO, size: int, path: str, source: Source) -> bytes:
+    """Up to ``size`` bytes of ``path``; a broken connection, a corrupt archive or a short
+    image is a SourceError, whichever library reads it."""
+    try:
+        return stream.read(size)
+    except (OSError, EOFError, tarfile.TarError, zlib.error, http.client.HTTPException,
+            PyCdlibException) as exc:
+        raise SourceError(f"cannot read {path} in {source.description}: {exc}") from None
 
 
 def _is_iso(path: Path) -> bool:

@@ -117,7 +117,8 @@ def _with_warnings(profile: Profile) -> Response:
     not serve: the body stays the profile, which a client may write back as it is."""
     response = jsonify(_profile(profile))
     for warning in bootfiles.missing_files(_context().config.tftp_root, profile):
-        response.headers.add("Warning", '199 pxeserver "{}"'.format(warning.replace('"', "'")))
+        text = warning.replace('"', "'").encode("ascii", "backslashreplace").decode()
+        response.headers.add("Warning", f'199 pxeserver "{text}"')
     return response
 
 
