@@ -539,3 +539,42 @@ def test_api_imports_a_local_tree_only_under_its_roots(tmp_path: Path, config: C
         assert context.store.get_profile("c5").append == "console=xvc0"
     finally:
         context.close()
+
+
+class _LyingHandler(_QuietHandler):
+    """A hostile mirror: HEAD tells the true size of images/xen/initrd.img, GET then sends an
+    endless body (``mode = "endless"``) or half of it under the full Content-Length."""
+
+    mode = "endless"
+
+    def do_GET(self) -> None:
+        if not self.path.endswith("/images/xen/initrd.img"):
+            return super().do_GET()
+        self.send_response(200)
+        if self.mode == "endless":
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for _ in range(100_000):  # 6 GB at most, far past what the import reads
+                try:
+                    self.wfile.write(b"\0" * 65536)
+                except OSError:
+                    return
+        else:
+            size = os.path.getsize(self.translate_path(self.path))
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            self.wfile.write(b"\0" * (size // 2))
+        self.close_connection = True
+
+
+@pytest.mark.parametrize("mode, message", [("endless", "is longer than its"), ("short", "is truncated: 131072 of 262144 bytes")])
+def test_a_lying_http_server_is_refused(tmp_path: Path, workdir: Path, mode: str, message: str) -> None:
+    redhat_tree(tmp_path / "centos", CENTOS5_TREEINFO)
+    handler = type("Lying", (_LyingHandler,), {"mode": mode})
+    with serving(tmp_path, handler) as url:
+        started = time.monotonic()
+        line = one_error_line(run(workdir, "import", "centos5", url + "centos/", ok=False))
+        assert time.monotonic() - started < 60
+        assert message in line and "images/xen/initrd.img" in line
+        assert_nothing_imported(workdir, "centos5")
+        run(workdir, "import", "good", str(tmp_path / "centos"))  # the same tree, read directly, is fine
