@@ -127,6 +127,9 @@ class ImportsSection:
     # Directories whose trees and images POST /api/imports may read; empty: the API imports only
     # from http(s):// URLs (the CLI reads any path its user can).
     api_local_roots: list[str] = field(default_factory=list)
+    # Keys a Debian or Ubuntu suite's Release must be signed with (checked with gpgv).
+    debian_keyrings: list[str] = field(default_factory=lambda: [
+        "/usr/share/keyrings/debian-archive-keyring.gpg", "/usr/share/keyrings/ubuntu-archive-keyring.gpg"])
 
 
 @dataclass
@@ -386,6 +389,9 @@ def validate(config: Config) -> None:
     for root in config.imports.api_local_roots:
         if not isinstance(root, str) or not root.startswith("/"):
             _fail("imports", "api_local_roots", f"must be absolute directory paths, not {root!r}")
+    for keyring in config.imports.debian_keyrings:
+        if not isinstance(keyring, str) or not keyring.startswith("/"):
+            _fail("imports", "debian_keyrings", f"must be absolute file paths, not {keyring!r}")
 
     if not _TOKEN.match(config.api.token):
         _fail("api", "token", "must be printable ASCII without spaces")

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import pty
+import shutil
 import signal
 import sqlite3
 import struct
@@ -23,10 +24,12 @@ import subprocess
 import sys
 import tarfile
 import termios
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -195,8 +198,47 @@ def test_debian_netboot_directory_becomes_a_profile_and_a_repeat_changes_nothing
     assert "profile 'deb12' already exists with other settings" in one_error_line(other)
 
 
+@dataclass(frozen=True)
+class ArchiveKey:
+    home: str  # a GNUPGHOME holding the secret key
+    keyring: Path  # its public key, as [imports] debian_keyrings lists it
+
+    def sign(self, release: Path, how: str) -> None:
+        outputs = {"detached": ["--detach-sign", "--armor", "-o", str(release.parent / "Release.gpg")],
+                   "inline": ["--clearsign", "-o", str(release.parent / "InRelease")]}
+        subprocess.run(["gpg", "--batch", "--yes", "--homedir", self.home, *outputs[how], str(release)],
+                       check=True, capture_output=True, timeout=60)
+
+
+def _make_key(uid: str, keyring: Path) -> ArchiveKey:
+    home = tempfile.mkdtemp(prefix="gpg", dir="/tmp")  # short: gpg-agent's socket path is limited
+    subprocess.run(["gpg", "--batch", "--homedir", home, "--passphrase", "", "--quick-gen-key", uid,
+                    "ed25519", "sign", "never"], check=True, capture_output=True, timeout=120)
+    keyring.write_bytes(subprocess.run(["gpg", "--homedir", home, "--export"], check=True,
+                                       capture_output=True, timeout=60).stdout)
+    return ArchiveKey(home, keyring)
+
+
+@pytest.fixture(scope="module")
+def archive_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ArchiveKey, ArchiveKey]]:
+    """The test archive's signing key, and a stranger's key no keyring lists."""
+    where = tmp_path_factory.mktemp("keys")
+    keys = (_make_key("pxeserver test archive <archive@example.invalid>", where / "archive.gpg"),
+            _make_key("stranger <stranger@example.invalid>", where / "stranger.gpg"))
+    yield keys
+    for key in keys:
+        subprocess.run(["gpgconf", "--homedir", key.home, "--kill", "gpg-agent"], capture_output=True, timeout=30)
+        shutil.rmtree(key.home, ignore_errors=True)
+
+
+def trust(workdir: Path, key: ArchiveKey) -> None:
+    with open(workdir / "pxeserver.toml", "a") as config:
+        config.write(f'[imports]\ndebian_keyrings = ["{key.keyring}"]\n')
+
+
 def _debian_suite(root: Path, *, bad_kernel_sum: bool = False, stale_release: bool = False) -> Path:
-    """dists/bookworm/ as a Debian mirror lays it out, with the real installer files."""
+    """dists/bookworm/ as a Debian mirror lays it out, with the real installer files; the
+    Release file is returned for the caller to sign."""
     suite = root / "dists" / "bookworm"
     images = suite / "main" / "installer-amd64" / "current" / "images"
     netboot = images / "netboot" / "debian-installer" / "amd64"
@@ -212,15 +254,20 @@ def _debian_suite(root: Path, *, bad_kernel_sum: bool = False, stale_release: bo
         "Origin: Debian\nLabel: Debian\nSuite: stable\nCodename: bookworm\nSHA256:\n"
         f" {hashlib.sha256(b'x').hexdigest()} 1 main/binary-amd64/Packages\n"
         f" {hashlib.sha256(listed).hexdigest()} {len(listed)} main/installer-amd64/current/images/SHA256SUMS\n")
-    return suite
+    return suite / "Release"
 
 
 @needs_debian
-def test_debian_suite_over_http_is_verified_from_release_down(tmp_path: Path, workdir: Path) -> None:
-    _debian_suite(tmp_path / "mirror")
+@pytest.mark.parametrize("how", ["detached", "inline"])
+def test_debian_suite_over_http_is_verified_from_a_signed_release_down(
+        tmp_path: Path, workdir: Path, archive_keys: tuple[ArchiveKey, ArchiveKey], how: str) -> None:
+    archive, _ = archive_keys
+    trust(workdir, archive)
+    archive.sign(_debian_suite(tmp_path / "mirror"), how)
     with serving(tmp_path / "mirror") as url:
         result = run(workdir, "import", "bookworm", url + "dists/bookworm/")
-    assert "found Debian installer (main/installer-amd64/current/images/netboot/debian-installer/amd64/)" in result.stderr
+    assert ("found Debian installer (main/installer-amd64/current/images/netboot/debian-installer/amd64/, "
+            "Release signed by pxeserver test archive <archive@example.invalid>)") in result.stderr
     for name in ("linux", "initrd.gz"):
         assert f"{name}: {(DEBIAN_FILES / name).stat().st_size} bytes, sha256 {sha256(DEBIAN_FILES / name)}, " \
                "matches main/installer-amd64/current/images/SHA256SUMS" in result.stderr
@@ -229,17 +276,27 @@ def test_debian_suite_over_http_is_verified_from_release_down(tmp_path: Path, wo
 
 
 @needs_debian
-@pytest.mark.parametrize("broken, message", [
-    ({"bad_kernel_sum": True}, "main/installer-amd64/current/images/netboot/debian-installer/amd64/linux: sha256 "),
-    ({"stale_release": True}, "main/installer-amd64/current/images/SHA256SUMS: sha256 "),
-])
-def test_debian_checksum_mismatch_is_refused_and_nothing_published(
-        tmp_path: Path, workdir: Path, broken: dict, message: str) -> None:
-    _debian_suite(tmp_path / "mirror", **broken)
+@pytest.mark.parametrize("broken, sign, message", [
+    ({"bad_kernel_sum": True}, "archive",
+     "main/installer-amd64/current/images/netboot/debian-installer/amd64/linux: sha256 is "),
+    ({"stale_release": True}, "archive", "main/installer-amd64/current/images/SHA256SUMS: sha256 "),
+    ({}, "none", "the suite's Release is not signed (no InRelease, no Release.gpg)"),
+    ({}, "stranger", "the suite's Release.gpg signature does not verify"),
+    ({}, "tampered", "the suite's Release.gpg signature does not verify"),
+], ids=["kernel-sum", "stale-release", "unsigned", "stranger", "tampered"])
+def test_debian_chain_broken_anywhere_is_refused_and_nothing_published(
+        tmp_path: Path, workdir: Path, archive_keys: tuple[ArchiveKey, ArchiveKey],
+        broken: dict, sign: str, message: str) -> None:
+    archive, stranger = archive_keys
+    trust(workdir, archive)
+    release = _debian_suite(tmp_path / "mirror", **broken)
+    if sign != "none":
+        (stranger if sign == "stranger" else archive).sign(release, "detached")
+    if sign == "tampered":  # a mirror that edited Release after it was signed
+        release.write_text(release.read_text().replace("Suite: stable", "Suite: stab1e"))
     with serving(tmp_path / "mirror") as url:
         result = run(workdir, "import", "bookworm", url + "dists/bookworm/", ok=False)
-    line = one_error_line(result)
-    assert message in line and ("SHA256SUMS says" in line or "Release says" in line)
+    assert message in one_error_line(result)
     assert_nothing_imported(workdir, "bookworm")
 
 

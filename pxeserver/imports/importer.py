@@ -77,7 +77,7 @@ def run_import(context: Context, name: str, source_text: str, progress: Progress
     images = context.config.tftp_root / "images"
     with open_source(source_text) as source:
         progress.step(f"reading {source.description}")
-        layout = detect(source, arch)
+        layout = detect(source, arch, context.config.imports.debian_keyrings)
         progress.step(f"found {layout.family.name} installer ({layout.found_by})"
                       + (f": {layout.release}" if layout.release else ""))
         names = {role: posixpath.basename(path) for role, path in layout.files.items()}

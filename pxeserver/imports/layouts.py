@@ -19,7 +19,14 @@ import posixpath
 from dataclasses import dataclass, field
 
 from pxeserver.imports.sources import Source
-from pxeserver.imports.verify import Checksums, read_treeinfo, release_chain, sums_file, treeinfo_checksums
+from pxeserver.imports.verify import (
+    Checksums,
+    read_treeinfo,
+    release_chain,
+    signed_release,
+    sums_file,
+    treeinfo_checksums,
+)
 
 # --arch as Red Hat spells it, to Debian's spelling.
 DEBIAN_ARCH = {"x86_64": "amd64", "i386": "i386", "i686": "i386", "aarch64": "arm64"}
@@ -86,7 +93,7 @@ def _from_treeinfo(source: Source, arch: str) -> Layout | None:
     return None
 
 
-def _debian_like(source: Source, arch: str) -> Layout | None:
+def _debian_like(source: Source, arch: str, keyrings: list[str]) -> Layout | None:
     debian_arch = DEBIAN_ARCH[arch]
     prefixes = ("", "netboot/", f"main/installer-{debian_arch}/current/images/netboot/",
                 f"main/installer-{debian_arch}/current/legacy-images/netboot/")
@@ -98,8 +105,10 @@ def _debian_like(source: Source, arch: str) -> Layout | None:
                 continue
             layout = Layout(family, kernel, initrd, posixpath.dirname(kernel) + "/")
             sums = posixpath.join(prefix.removesuffix("netboot/"), "SHA256SUMS")
-            if prefix.startswith("main/"):  # a suite directory: Release vouches for SHA256SUMS
-                release_chain(source, "Release", sums, layout.checksums)
+            if prefix.startswith("main/"):  # a suite directory: a signed Release vouches for SHA256SUMS
+                release, signer = signed_release(source, keyrings)
+                layout.found_by += f", Release signed by {signer}"
+                release_chain(source, release, sums, layout.checksums)
             else:
                 sums_file(source, sums, layout.checksums)
             version = (source.read_text(f"{prefix}version.info") or "").strip()
@@ -108,7 +117,7 @@ def _debian_like(source: Source, arch: str) -> Layout | None:
     return None
 
 
-def detect(source: Source, arch: str) -> Layout:
+def detect(source: Source, arch: str, keyrings: list[str]) -> Layout:
     """The installer in ``source`` for ``arch``; UnknownLayout naming what was looked for."""
     if arch not in DEBIAN_ARCH:
         raise UnknownLayout(f"unknown --arch {arch!r}: one of {', '.join(ARCHES)}")
@@ -120,7 +129,7 @@ def detect(source: Source, arch: str) -> Layout:
                 layout = Layout(_redhat(kernel), kernel, initrd, posixpath.dirname(kernel) + "/")
                 break
     if layout is None:
-        layout = _debian_like(source, arch)
+        layout = _debian_like(source, arch, keyrings)
     if layout is None:
         debian_arch = DEBIAN_ARCH[arch]
         raise UnknownLayout(

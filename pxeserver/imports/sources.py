@@ -64,16 +64,19 @@ class Source(ABC):
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def read_text(self, path: str) -> str | None:
-        """A small text file (a checksum list, .treeinfo), None if there is none."""
+    def read_small(self, path: str) -> bytes | None:
+        """A small file (a checksum list, .treeinfo, a signature), None if there is none."""
         size = self.size(path)
         if size is None:
             return None
         if size > TEXT_LIMIT:
             raise SourceError(f"{path} in {self.description} is larger than {TEXT_LIMIT} bytes")
         with self.open(path) as stream:
-            data = read_chunk(stream, TEXT_LIMIT + 1, path, self)
-        return data.decode("utf-8", errors="replace")
+            return read_chunk(stream, TEXT_LIMIT + 1, path, self)
+
+    def read_text(self, path: str) -> str | None:
+        data = self.read_small(path)
+        return None if data is None else data.decode("utf-8", errors="replace")
 
 
 class DirectorySource(Source):

@@ -4,15 +4,21 @@ Three kinds of lists are read: a ``.treeinfo``'s ``[checksums]`` (Fedora, RHEL, 
 ``SHA256SUMS`` file (Debian and Ubuntu installer images), and a Debian ``Release`` file that
 lists that ``SHA256SUMS`` (the chain a mirror publishes from the suite down to each file).
 A list that the source offers but that does not fit (a SHA256SUMS whose own hash is not the
-one Release gives) is refused, not ignored. Signatures (Release.gpg, InRelease) are not
-checked: the checksums catch a corrupt or truncated copy, not a hostile mirror.
+one Release gives) is refused, not ignored. The Release file itself must be signed
+(``InRelease`` or ``Release.gpg``) by a key in ``[imports] debian_keyrings``, checked with
+gpgv: only then does the chain hold against a hostile mirror, not just a corrupt one. A
+``.treeinfo`` or a lone SHA256SUMS carries no signature; they catch corrupt and truncated
+copies only.
 """
 
 from __future__ import annotations
 
 import configparser
 import hashlib
+import os
 import posixpath
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
 
 from debian.deb822 import Release
@@ -83,11 +89,16 @@ def treeinfo_checksums(treeinfo: configparser.ConfigParser, checksums: Checksums
 
 
 def sums_file(source: Source, path: str, checksums: Checksums) -> bool:
-    """A ``sha256sum`` output file at ``path``; entries are relative to its directory.
-    False if the source has no such file."""
+    """A ``sha256sum`` output file at ``path``; False if the source has no such file."""
     text = source.read_text(path)
     if text is None:
         return False
+    _read_sums(text, path, checksums)
+    return True
+
+
+def _read_sums(text: str, path: str, checksums: Checksums) -> None:
+    """The entries of the SHA256SUMS at ``path``; they are relative to its directory."""
     base = posixpath.dirname(path)
     for line in text.splitlines():
         digest, _, name = line.strip().partition(" ")
@@ -95,26 +106,62 @@ def sums_file(source: Source, path: str, checksums: Checksums) -> bool:
         if len(digest) == 64 and name:
             checksums.add(posixpath.join(base, name.removeprefix("./")),
                           Expected("sha256", _digest_text(digest), path))
-    return True
 
 
-def release_chain(source: Source, release_path: str, listed: str, checksums: Checksums) -> None:
-    """Check that the Release file at ``release_path`` lists ``listed`` (a SHA256SUMS) with
-    its true SHA-256 and size, then read that SHA256SUMS's entries."""
-    text = source.read_text(release_path)
-    if text is None:
-        raise SourceError(f"{release_path} is missing")
-    base = posixpath.dirname(release_path)
-    name = posixpath.relpath(listed, base or ".")
-    entries = {entry["name"]: entry for entry in Release(text).get("SHA256", [])}
-    entry = entries.get(name)
+def signed_release(source: Source, keyrings: list[str]) -> tuple[str, str]:
+    """The suite's Release text, as signed in ``InRelease`` or ``Release.gpg``, and who
+    signed it; ChecksumMismatch if the signature is missing or no keyring key made it."""
+    usable = [k for k in keyrings if os.path.isfile(k)]
+    inline, detached = source.read_small("InRelease"), source.read_small("Release.gpg")
+    release = source.read_small("Release")
+    if inline is None and (detached is None or release is None):
+        raise ChecksumMismatch("the suite's Release is not signed (no InRelease, no Release.gpg): "
+                               "import its installer images/ directory to rely on SHA256SUMS alone")
+    if not usable:
+        raise ChecksumMismatch("no keyring to check the suite's Release signature: none of "
+                               f"[imports] debian_keyrings exists ({', '.join(keyrings) or 'empty'})")
+    with tempfile.TemporaryDirectory(prefix="pxeserver-gpgv-") as scratch:
+        command = ["gpgv", "--status-fd", "1", *(f"--keyring={k}" for k in usable)]
+        if inline is not None:
+            signed, output = os.path.join(scratch, "InRelease"), os.path.join(scratch, "Release")
+            with open(signed, "wb") as file:
+                file.write(inline)
+            command += ["--output", output, signed]
+        else:
+            output, signature = os.path.join(scratch, "Release"), os.path.join(scratch, "Release.gpg")
+            for path, data in ((output, release), (signature, detached)):
+                with open(path, "wb") as file:
+                    file.write(data or b"")
+            command += [signature, output]
+        try:
+            checked = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                                     env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                                          "GNUPGHOME": scratch})
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ChecksumMismatch(f"cannot run gpgv to check the Release signature: {exc}") from None
+        good = [line.split(" ", 3)[-1] for line in checked.stdout.splitlines()
+                if line.startswith("[GNUPG:] GOODSIG ")]
+        if checked.returncode != 0 or not good or "[GNUPG:] VALIDSIG " not in checked.stdout:
+            reason = (checked.stderr.strip().splitlines() or ["no good signature"])[-1]
+            raise ChecksumMismatch(f"the suite's {'InRelease' if inline is not None else 'Release.gpg'} "
+                                   f"signature does not verify: {reason}")
+        with open(output, encoding="utf-8", errors="replace") as file:
+            return file.read(), good[0]
+
+
+def release_chain(source: Source, release: str, listed: str, checksums: Checksums) -> None:
+    """Check that the suite's Release text lists ``listed`` (a SHA256SUMS, relative to the
+    suite) with its true SHA-256 and size, then read the entries of those very bytes."""
+    entries = {entry["name"]: entry for entry in Release(release).get("SHA256", [])}
+    entry = entries.get(listed)
     if entry is None:
-        raise ChecksumMismatch(f"{release_path} does not list {name}")
-    with source.open(listed) as stream:
-        data = stream.read()
+        raise ChecksumMismatch(f"Release does not list {listed}")
+    data = source.read_small(listed)
+    if data is None:
+        raise SourceError(f"{listed} is missing from {source.description}")
     actual = hashlib.sha256(data).hexdigest()
     if actual != _digest_text(entry["sha256"]) or str(len(data)) != str(entry["size"]).strip():
         raise ChecksumMismatch(
-            f"{listed}: sha256 {actual} ({len(data)} bytes), but {release_path} says "
+            f"{listed}: sha256 {actual} ({len(data)} bytes), but Release says "
             f"{entry['sha256']} ({entry['size']} bytes)")
-    sums_file(source, listed, checksums)
+    _read_sums(data.decode("utf-8", errors="replace"), listed, checksums)
