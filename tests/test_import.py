@@ -472,11 +472,16 @@ def test_ctrl_c_mid_copy_leaves_nothing(tmp_path: Path, workdir: Path) -> None:
 
 def test_a_killed_import_is_cleaned_up_by_the_next(tmp_path: Path, workdir: Path) -> None:
     redhat_tree(tmp_path / "centos", CENTOS5_TREEINFO)
-    abandoned = workdir / "tftproot" / "images" / ".import-centos5-999999999-0000"
+    images = workdir / "tftproot" / "images"
+    abandoned = images / ".import-centos5-999999999-0000"
     abandoned.mkdir()
     (abandoned / "vmlinuz").write_bytes(b"half")
+    running = [images / f".import-centos5-x-{os.getpid()}-0000",  # profile centos5-x, alive
+               images / f".import-centos5-{os.getpid()}-0000"]  # centos5 itself, this process: alive
+    for staging in running:
+        staging.mkdir()
     run(workdir, "import", "centos5", str(tmp_path / "centos"))
-    assert sorted(p.name for p in (workdir / "tftproot" / "images").iterdir()) == ["centos5"]
+    assert sorted(p.name for p in images.iterdir()) == sorted(["centos5", *(p.name for p in running)])
 
 
 def test_progress_bar_on_a_terminal(tmp_path: Path, workdir: Path) -> None:

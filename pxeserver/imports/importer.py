@@ -219,8 +219,8 @@ def _remove_abandoned(images: Path, name: str) -> None:
     """Staging directories of ``name`` whose importing process is gone (killed with SIGKILL,
     a power cut): never published, so removing them loses nothing."""
     for leftover in images.glob(f"{STAGING_PREFIX}{name}-*"):
-        pid_text = leftover.name.removeprefix(f"{STAGING_PREFIX}{name}-").split("-")[0]
-        if not pid_text.isdigit() or not _alive(int(pid_text)):
+        owner, pid_text, _random = (leftover.name.rsplit("-", 2) + ["", ""])[:3]
+        if owner == f"{STAGING_PREFIX}{name}" and (not pid_text.isdigit() or not _alive(int(pid_text))):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
