@@ -17,13 +17,16 @@ from typing import Any
 
 import click
 
-from pxeserver import app, config as config_module, domu
+from pxeserver import app, bootfiles, config as config_module, domu
+from pxeserver.imports import IMPORT_ERRORS, progress as import_progress, run_import
+from pxeserver.imports.layouts import ARCHES
 from pxeserver.mac import InvalidMac, MacAddress
 from pxeserver.provisioning import InvalidToken
 from pxeserver.registry import Conflict, NotFound, ValidationError
 from pxeserver.registry.models import XenSettings
 
-USER_ERRORS = (ValidationError, InvalidMac, NotFound, Conflict, InvalidToken, config_module.ConfigError)
+USER_ERRORS = (ValidationError, InvalidMac, NotFound, Conflict, InvalidToken, config_module.ConfigError,
+               *IMPORT_ERRORS)
 
 
 def _fail(message: str) -> None:
@@ -139,6 +142,8 @@ def profile_add(ctx: click.Context, name: str, kernel: str, initrd: str, append:
             "autoinstall": autoinstall, "vars": _parse_vars(variables),
         })
         click.echo(f"added profile {added.name}")
+        for warning in bootfiles.missing_files(context.config.tftp_root, added):
+            click.echo(f"pxeserver: warning: {warning}", err=True)
 
 
 @profile.command("list")
@@ -154,9 +159,12 @@ def profile_list(ctx: click.Context) -> None:
 @click.argument("name")
 @click.pass_context
 def profile_show(ctx: click.Context, name: str) -> None:
-    """Show one profile as JSON."""
+    """Show one profile as JSON, with each file's size and whether it still matches the
+    SHA-256 its import recorded."""
     with _context(ctx) as context:
-        _print_json(context.store.get_profile(name).to_dict(context.config.api.secret_vars))
+        found = context.store.get_profile(name)
+        _print_json({**found.to_dict(context.config.api.secret_vars),
+                     "files": bootfiles.profile_files(context.config.tftp_root, found, context.store)})
 
 
 @profile.command("rm")
@@ -167,6 +175,30 @@ def profile_rm(ctx: click.Context, name: str) -> None:
     with _context(ctx) as context:
         context.provisioning.delete_profile(name)
         click.echo(f"removed profile {name}")
+
+
+@cli.command("import")
+@click.argument("name")
+@click.argument("source")
+@click.option("--arch", type=click.Choice(ARCHES), default="x86_64", show_default=True)
+@click.option("--autoinstall", default="", help="Template instead of the one the layout implies.")
+@click.pass_context
+def import_command(ctx: click.Context, name: str, source: str, arch: str, autoinstall: str) -> None:
+    """Copy an installer's kernel and initrd from SOURCE into images/NAME/ and add profile NAME.
+
+    SOURCE is a directory (a mounted DVD, a mirror tree), an ISO image, a netboot tarball or an
+    http:// URL of a tree. Checksums the source offers are verified; Ctrl-C leaves nothing
+    half-written; importing the same files again changes nothing.
+    """
+    with _context(ctx) as context:
+        try:
+            result = run_import(context, name, source, import_progress.for_terminal(sys.stderr),
+                                arch=arch, autoinstall=autoinstall)
+        except KeyboardInterrupt:
+            click.echo(f"pxeserver: import of {name} interrupted: nothing was published", err=True)
+            sys.exit(130)
+        click.echo(f"{'added' if result.profile_added else 'unchanged'} profile {result.profile.name}: "
+                   f"{result.profile.kernel} {result.profile.initrd}")
 
 
 # -- hosts ----------------------------------------------------------------------------------

@@ -144,6 +144,17 @@ class MetricsSection:
 
 
 @dataclass
+class ImportsSection:
+    max_file_mb: int = 4096  # a kernel or initrd larger than this is refused (a runaway download)
+    # Directories whose trees and images POST /api/imports may read; empty: the API imports only
+    # from http(s):// URLs (the CLI reads any path its user can).
+    api_local_roots: list[str] = field(default_factory=list)
+    # Keys a Debian or Ubuntu suite's Release must be signed with (checked with gpgv).
+    debian_keyrings: list[str] = field(default_factory=lambda: [
+        "/usr/share/keyrings/debian-archive-keyring.gpg", "/usr/share/keyrings/ubuntu-archive-keyring.gpg"])
+
+
+@dataclass
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     boot: BootSection = field(default_factory=BootSection)
@@ -154,6 +165,7 @@ class Config:
     api: ApiSection = field(default_factory=ApiSection)
     xen: XenSection = field(default_factory=XenSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    imports: ImportsSection = field(default_factory=ImportsSection)
     base_dir: Path = field(default_factory=Path.cwd)
     source: str = "built-in defaults"
 
@@ -404,6 +416,14 @@ def validate(config: Config) -> None:
         except ValueError:
             _fail("dns", "upstream", f"must be an IPv4 address[:port], not {config.dns.upstream!r}")
 
+    _range(config, "imports", "max_file_mb", 1, 1 << 20)
+    for root in config.imports.api_local_roots:
+        if not isinstance(root, str) or not root.startswith("/"):
+            _fail("imports", "api_local_roots", f"must be absolute directory paths, not {root!r}")
+    for keyring in config.imports.debian_keyrings:
+        if not isinstance(keyring, str) or not keyring.startswith("/"):
+            _fail("imports", "debian_keyrings", f"must be absolute file paths, not {keyring!r}")
+
     if not _TOKEN.match(config.api.token):
         _fail("api", "token", "must be printable ASCII without spaces")
     _validate_metrics(config.metrics)
@@ -436,7 +456,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: {exc}") from None
         for key, values in data.items():
-            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api", "xen", "metrics"):
+            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api", "xen", "metrics", "imports"):
                 raise ConfigError(f"{file}: unknown section [{key}]")
             _apply(getattr(config, key), values, f"{file}: [{key}]")
         config.base_dir = file.resolve().parent

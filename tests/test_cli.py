@@ -42,9 +42,16 @@ def state(workdir: Path) -> tuple[list[str], list[tuple[str, str]]]:
 def test_profile_and_host_lifecycle(workdir: Path) -> None:
     run(workdir, "profile", "add", "deb", "--kernel", "images/deb/linux", "--initrd",
         "images/deb/initrd.gz", "--append", "console=hvc0", "--autoinstall", "debian-xen.cfg")
-    assert json.loads(run(workdir, "profile", "show", "deb").stdout) == {
+    added = run(workdir, "profile", "add", "late", "--kernel", "images/deb/linux", "--initrd",
+                "images/deb/initrd.gz")
+    assert "warning: kernel images/deb/linux is not served from the TFTP root: file not found" in added.stderr
+    shown = json.loads(run(workdir, "profile", "show", "deb").stdout)
+    files = shown.pop("files")
+    assert shown == {
         "name": "deb", "kernel": "images/deb/linux", "initrd": "images/deb/initrd.gz",
         "append": "console=hvc0", "autoinstall": "debian-xen.cfg", "vars": {}}
+    assert (files["kernel"]["served"], files["kernel"]["problem"], files["kernel"]["matches"]) == (
+        False, "file not found", None)
     mac = run(workdir, "host", "add", "--hostname", "web1", "--profile", "deb").stdout.strip()
     assert mac.startswith("00:16:3e:")
     run(workdir, "host", "add", "--mac", "00-16-3E-AA-BB-CC", "--hostname", "web2", "--profile", "deb", "--ip", "10.0.0.20")
@@ -58,6 +65,7 @@ def test_profile_and_host_lifecycle(workdir: Path) -> None:
     assert "localboot 0" in (workdir / "tftproot" / "pxelinux.cfg" / "01-00-16-3e-aa-bb-cc").read_text()
     run(workdir, "host", "rm", mac)
     run(workdir, "host", "rm", "00:16:3e:aa:bb:cc")
+    run(workdir, "profile", "rm", "late")
     run(workdir, "profile", "rm", "deb")
     assert "deb" not in run(workdir, "profile", "list").stdout
 

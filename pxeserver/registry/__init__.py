@@ -1,6 +1,7 @@
 """The registry: profiles, hosts, their timelines and leases, behind the Store interface."""
 
 from pxeserver.registry.models import (
+    BootFile,
     Conflict,
     Event,
     Host,
@@ -20,6 +21,6 @@ def open_store(database: str) -> Store:
 
 
 __all__ = [
-    "Conflict", "Event", "Host", "Lease", "NotFound", "Profile", "SqliteStore", "Status",
+    "BootFile", "Conflict", "Event", "Host", "Lease", "NotFound", "Profile", "SqliteStore", "Status",
     "Store", "ValidationError", "XenSettings", "open_store",
 ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pxeserver.mac import MacAddress
-from pxeserver.registry.models import Event, Host, HostChanges, Profile, Status
+from pxeserver.registry.models import BootFile, Event, Host, HostChanges, Profile, Status
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,16 @@ class Store(Protocol):
     def get_profile(self, name: str) -> Profile: ...
     def list_profiles(self) -> list[Profile]: ...
     def delete_profile(self, name: str) -> None: ...
+    def add_imported_profile(self, profile: Profile, files: Iterable[BootFile]) -> bool:
+        """Record the files an import published and add its profile, in one transaction.
+
+        True if the profile was added; False if an identical one already existed (a repeated
+        import); Conflict if a profile of that name differs.
+        """
+        ...
+    def boot_files(self, paths: Iterable[str]) -> dict[str, BootFile]:
+        """The recorded size and SHA-256 of those of ``paths`` an import recorded."""
+        ...
 
     # Hosts. add_host and update_host raise Conflict on a duplicate MAC, hostname or IP and
     # ValidationError for an unknown profile; get/update/delete raise NotFound.

@@ -8,7 +8,7 @@ from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 
 from pxeserver.app import Context
-from pxeserver.web import api, files, metrics
+from pxeserver.web import api, files, imports, metrics
 
 MAX_BODY_BYTES = 256 * 1024
 
@@ -34,6 +34,7 @@ def create_app(context: Context) -> Flask:
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["pxeserver"] = context
     app.register_blueprint(api.blueprint)
+    app.register_blueprint(imports.blueprint)
     app.register_blueprint(files.blueprint)
     metrics.install(app, context)
     return app
