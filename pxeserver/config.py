@@ -115,6 +115,17 @@ class ApiSection:
 
 
 @dataclass
+class DashboardSection:
+    # A host in netbooting or installing with no event for this long is marked stalled.
+    stalled_after: int = 1800  # seconds
+    page_size: int = 100  # hosts per page of the hosts table
+    # Live-update streams held open at once, each on one of the HTTP service's threads; a page
+    # over the limit, and every stream after stream_seconds, reconnects by itself.
+    max_streams: int = 8
+    stream_seconds: int = 25
+
+
+@dataclass
 class XenSection:
     # The only places an xen.disk target may lie under: an API client must not be able to hand
     # a guest dom0's own disk (an operator who needs more writes the xl config by hand).
@@ -131,6 +142,7 @@ class Config:
     dns: DnsSection = field(default_factory=DnsSection)
     api: ApiSection = field(default_factory=ApiSection)
     xen: XenSection = field(default_factory=XenSection)
+    dashboard: DashboardSection = field(default_factory=DashboardSection)
     base_dir: Path = field(default_factory=Path.cwd)
     source: str = "built-in defaults"
 
@@ -311,6 +323,12 @@ def validate(config: Config) -> None:
         _fail("tftp", "session_deadline", f"must be at least timeout and max_timeout "
                                           f"({longest_wait}), not {config.tftp.session_deadline}")
     _range(config, "http", "threads", 1, 1024)
+    for key, low, high in (("stalled_after", 1, 30 * 86400), ("page_size", 10, 1000),
+                           ("max_streams", 1, 1000), ("stream_seconds", 1, 3600)):
+        _range(config, "dashboard", key, low, high)
+    if config.dashboard.max_streams >= config.http.threads:
+        _fail("dashboard", "max_streams", f"must be less than [http] threads "
+                                          f"({config.http.threads}), not {config.dashboard.max_streams}")
 
     dhcp = config.dhcp
     if dhcp.mode not in ("full", "proxy"):
@@ -392,7 +410,8 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: {exc}") from None
         for key, values in data.items():
-            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api", "xen"):
+            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api", "xen",
+                           "dashboard"):
                 raise ConfigError(f"{file}: unknown section [{key}]")
             _apply(getattr(config, key), values, f"{file}: [{key}]")
         config.base_dir = file.resolve().parent

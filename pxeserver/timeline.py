@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 
+from pxeserver.feed import EventFeed
 from pxeserver.mac import MacAddress
 from pxeserver.registry import Event, Store
 
@@ -26,6 +27,7 @@ class Timeline:
     def __init__(self, store: Store, keep_per_host: int = 1000) -> None:
         self.store = store
         self.keep_per_host = keep_per_host
+        self.feed = EventFeed()  # each stored batch, for the dashboard's live pages
         self._queue: queue.Queue[Event | threading.Event | None] = queue.Queue(maxsize=100_000)
         self._writer = threading.Thread(target=self._run, name="timeline", daemon=True)
         self._writer.start()
@@ -69,6 +71,8 @@ class Timeline:
                 self.store.add_events(batch, keep=self.keep_per_host)
             except Exception:  # a failing disk must not kill the writer
                 log.exception("could not store %d timeline events", len(batch))
+            else:
+                self.feed.publish(batch)
             for waiter in waiters:
                 waiter.set()
             if stop:

@@ -11,7 +11,7 @@ from pxeserver.registry.models import (
     XenSettings,
 )
 from pxeserver.registry.sqlite import SqliteStore
-from pxeserver.registry.store import Lease, Store
+from pxeserver.registry.store import HostSummary, Lease, Store
 
 
 def open_store(database: str) -> Store:
@@ -20,6 +20,6 @@ def open_store(database: str) -> Store:
 
 
 __all__ = [
-    "Conflict", "Event", "Host", "Lease", "NotFound", "Profile", "SqliteStore", "Status",
+    "Conflict", "Event", "Host", "HostSummary", "Lease", "NotFound", "Profile", "SqliteStore", "Status",
     "Store", "ValidationError", "XenSettings", "open_store",
 ]

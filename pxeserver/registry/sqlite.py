@@ -28,7 +28,7 @@ from pxeserver.registry.models import (
     ValidationError,
     XenSettings,
 )
-from pxeserver.registry.store import Lease
+from pxeserver.registry.store import HostSummary, Lease
 
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
 MIGRATIONS: list[str] = [
@@ -353,6 +353,28 @@ class SqliteStore:
             (str(mac), limit),
         ).fetchall()
         return [Event(mac, row["time"], row["source"], row["message"]) for row in rows]
+
+    def host_summaries(self) -> list[HostSummary]:
+        rows = self._connection().execute(
+            "SELECT h.mac, h.hostname, h.ip, h.profile, h.netboot, h.status, e.time, e.source, "
+            "e.message FROM hosts h LEFT JOIN events e "
+            "ON e.id = (SELECT MAX(id) FROM events WHERE mac = h.mac)"
+        ).fetchall()
+        summaries = []
+        for mac_text, hostname, ip, profile, netboot, status, when, source, message in rows:
+            mac = MacAddress.parse(mac_text)
+            last = None if when is None else Event(mac, when, source, message)
+            summaries.append(HostSummary(mac, hostname, ip, profile, bool(netboot), Status(status), last))
+        return summaries
+
+    def recent_events(self, since: float, limit: int = 10_000) -> list[Event]:
+        # Newest first by id with the time filter applied outside: at most ``limit`` rows are
+        # read whatever the window (events has no time index; ids follow time closely).
+        rows = self._connection().execute(
+            "SELECT * FROM (SELECT * FROM events ORDER BY id DESC LIMIT ?) ORDER BY id", (limit,)
+        ).fetchall()
+        return [Event(MacAddress.parse(r["mac"]), r["time"], r["source"], r["message"])
+                for r in rows if r["time"] >= since]
 
     # -- leases -------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 
 from pxeserver.app import Context
-from pxeserver.web import api, files
+from pxeserver.web import api, dashboard, files
 
 MAX_BODY_BYTES = 256 * 1024
 
@@ -35,4 +35,5 @@ def create_app(context: Context) -> Flask:
     app.extensions["pxeserver"] = context
     app.register_blueprint(api.blueprint)
     app.register_blueprint(files.blueprint)
+    app.register_blueprint(dashboard.blueprint)
     return app
