@@ -55,7 +55,7 @@ blueprint = Blueprint("dashboard", __name__, template_folder="templates",
 OVERVIEW = "pxeserver.overview"
 STREAM_SLOTS = "pxeserver.dashboard.streams"
 COUNTS_EVERY = 1.0  # seconds between status-count updates on one stream
-OPEN_ENDPOINTS = {"dashboard.login", "dashboard.static"}
+OPEN_ENDPOINTS = {"dashboard.login", "dashboard.login_submit", "dashboard.static"}
 
 
 @blueprint.record_once
@@ -137,7 +137,7 @@ def _guard() -> BaseResponse | None:
         return None
     if request.endpoint == "dashboard.stream":
         return Response("log in first\n", status=401, content_type="text/plain")
-    return redirect(url_for("dashboard.login", next=request.full_path))
+    return redirect(url_for("dashboard.login", next=request.full_path.rstrip("?")))
 
 
 @blueprint.app_context_processor
@@ -336,22 +336,26 @@ def stream() -> Response:
 
 def _events(context: Context, overview: Overview, slots: threading.BoundedSemaphore,
             seen: int, deadline: float) -> Iterator[str]:
-    counts_at = 0.0
+    counts_due: float | None = None  # when the counts changed and are yet to be sent
+    counts_sent = 0.0
     try:
         yield f"retry: 1000\nid: {seen}\n\n"
         while (left := deadline - time.monotonic()) > 0:
-            seen, events = context.timeline.feed.after(seen, timeout=min(left, 10.0))
-            if not events:
-                yield ": idle\n\n"  # a comment: shows a dead client up as a failed write
-                continue
-            rows = overview.live_rows({event.mac for event in events})
-            message: dict[str, Any] = {
-                "events": [_event(event, rows) for event in events if str(event.mac) in rows],
-                "hosts": {mac: row.to_dict() for mac, row in rows.items()},
-            }
-            if time.monotonic() - counts_at >= COUNTS_EVERY:
-                message["counts"], counts_at = overview.status_counts(), time.monotonic()
-            yield f"id: {seen}\ndata: {json.dumps(message)}\n\n"
+            wait = min(left, 10.0)
+            if counts_due is not None:
+                wait = max(0.0, min(wait, counts_due - time.monotonic()))
+            seen, events = context.timeline.feed.after(seen, timeout=wait)
+            message: dict[str, Any] = {}
+            if events:
+                rows = overview.live_rows({event.mac for event in events})
+                message["events"] = [_event(event, rows) for event in events if str(event.mac) in rows]
+                message["hosts"] = {mac: row.to_dict() for mac, row in rows.items()}
+                counts_due = counts_due or max(time.monotonic(), counts_sent + COUNTS_EVERY)
+            if counts_due is not None and time.monotonic() >= counts_due:
+                message["counts"], counts_due = overview.status_counts(), None
+                counts_sent = time.monotonic()
+            # An empty message is a comment: it shows a client that went away as a failed write.
+            yield f"id: {seen}\ndata: {json.dumps(message)}\n\n" if message else ": idle\n\n"
     finally:
         slots.release()
 
