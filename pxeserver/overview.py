@@ -158,6 +158,7 @@ class Overview:
 
     def rows(self, now: float | None = None) -> list[HostRow]:
         now = time.time() if now is None else now
+        self.timeline.flush()  # steps recorded just before show up
         return [self.row(summary, now) for summary in self.store.host_summaries()]
 
     def hosts_page(self, query: HostQuery) -> HostsPage:

@@ -49,7 +49,7 @@ def server(ctx: Context) -> Iterator[tuple[str, int]]:
     images.mkdir(parents=True)
     (images / "vmlinuz").write_bytes(b"k" * 4096)
     (images / "initrd.img").write_bytes(b"i" * 8192)
-    ctx.provisioning.add_profile(PROFILE | {"vars": {"root_password": "hunter2-secret"}})
+    ctx.provisioning.add_profile(PROFILE | {"vars": {"root_password_hash": "$6$hunter2-secret"}})
     ctx.provisioning.add_host({"mac": MAC, "hostname": "web1", "profile": "centos5",
                                "ip": "127.0.0.1", "vars": {"api_key": "k-e-y-secret"}})
     for number in range(12):
@@ -129,7 +129,9 @@ def test_browser_logs_in_acts_and_sees_a_boot_live(
     assert "hunter2-secret" not in page and "k-e-y-secret" not in page
     install_token = ctx.store.get_host(_mac()).install_token
     assert install_token and install_token not in page
-    assert "********" in driver.find_element(By.ID, "autoinstall").text
+    autoinstall = driver.find_element(By.ID, "autoinstall").text
+    assert "rootpw --iscrypted '********'" in autoinstall
+    assert f"/api/hosts/{DASHED}/installed?token=********" in autoinstall
     assert "kernel images/centos5/vmlinuz" in driver.find_element(By.ID, "boot-config").text
     assert 'bootloader = "pypxeboot"' in driver.find_element(By.ID, "xl-config").text
     shoot(driver, "host")

@@ -71,8 +71,9 @@
   }
 
   function cells(tr, values) {
-    values.forEach(function (value) {
+    values.forEach(function (value, index) {
       const td = document.createElement("td");
+      if (index === 0) td.className = "mono";
       if (value instanceof Node) td.append(value); else td.textContent = value;
       tr.append(td);
     });
