@@ -8,7 +8,6 @@ them (``masked_vars`` with ``[api] secret_vars``; the install token never appear
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import time
 from dataclasses import dataclass, replace
@@ -123,16 +122,9 @@ class ProfileSummary:
     autoinstall_kind: str
 
 
-def _counts(rows: list[HostRow]) -> dict[str, int]:
-    counts = {status.value: 0 for status in Status} | {"stalled": 0, "all": len(rows)}
-    for row in rows:
-        counts[row.status] += 1
-        counts["stalled"] += row.stalled
-    return counts
-
-
-def _ip_key(ip: str) -> int:
-    return int(ipaddress.IPv4Address(ip)) if ip else -1
+def _ip_key(ip: str | None) -> tuple[int, ...]:
+    """Numeric order of stored (validated) dotted quads; hosts without an IP first."""
+    return tuple(map(int, ip.split("."))) if ip else ()
 
 
 class Overview:
@@ -145,57 +137,64 @@ class Overview:
 
     # -- hosts ----------------------------------------------------------------------------
 
+    def stalled(self, summary: HostSummary, now: float) -> bool:
+        last = summary.last_event
+        return (summary.status in LIVE and summary.netboot
+                and now - (last.time if last else 0) > self.config.dashboard.stalled_after)
+
     def row(self, summary: HostSummary, now: float) -> HostRow:
         last = summary.last_event
-        stalled = (summary.status in LIVE and summary.netboot and
-                   now - (last.time if last else 0) > self.config.dashboard.stalled_after)
         return HostRow(
             mac=str(summary.mac), hostname=summary.hostname, ip=summary.ip or "",
             profile=summary.profile, netboot=summary.netboot, status=summary.status.value,
             last_time=last.time if last else None, last_source=last.source if last else "",
-            last_message=last.message if last else "", stalled=stalled,
+            last_message=last.message if last else "", stalled=self.stalled(summary, now),
         )
 
-    def rows(self, now: float | None = None) -> list[HostRow]:
-        now = time.time() if now is None else now
+    def _summaries(self) -> list[HostSummary]:
         self.timeline.flush()  # steps recorded just before show up
-        return [self.row(summary, now) for summary in self.store.host_summaries()]
+        return self.store.host_summaries()
 
     def hosts_page(self, query: HostQuery) -> HostsPage:
-        rows = self.rows()
-        text = query.text
+        """One page of the table; rows are built for that page only (10,000 hosts are
+        filtered and sorted as the store's light summaries)."""
+        now, summaries = time.time(), self._summaries()
+        stalled = {id(s) for s in summaries if self.stalled(s, now)} if query.status == "stalled" else set()
+        text, status = query.text, query.status
         chosen = [
-            row for row in rows
-            if (not text or text in row.hostname or text in row.mac or text in row.ip
-                or text in row.profile.lower())
-            and (not query.status or row.status == query.status
-                 or (query.status == "stalled" and row.stalled))
+            s for s in summaries
+            if (not text or text in s.hostname or text in s.mac.packed.hex(":")
+                or text in (s.ip or "") or text in s.profile.lower())
+            and (not status or s.status.value == status
+                 or (status == "stalled" and id(s) in stalled))
         ]
         key = {
-            "hostname": lambda r: r.hostname, "mac": lambda r: r.mac,
-            "ip": lambda r: _ip_key(r.ip), "profile": lambda r: (r.profile, r.hostname),
-            "status": lambda r: (STATUS_ORDER[Status(r.status)], r.hostname),
-            "last": lambda r: r.last_time or 0.0,
+            "hostname": lambda s: s.hostname, "mac": lambda s: s.mac,
+            "ip": lambda s: _ip_key(s.ip), "profile": lambda s: (s.profile, s.hostname),
+            "status": lambda s: (STATUS_ORDER[s.status], s.hostname),
+            "last": lambda s: s.last_event.time if s.last_event else 0.0,
         }[query.sort]
         chosen.sort(key=key, reverse=query.descending)
         size = self.config.dashboard.page_size
         pages = max(1, -(-len(chosen) // size))
         page = min(query.page, pages)
-        return HostsPage(chosen[(page - 1) * size: page * size], len(chosen), page, pages,
-                         _counts(rows))
+        rows = [self.row(s, now) for s in chosen[(page - 1) * size: page * size]]
+        return HostsPage(rows, len(chosen), page, pages, self.status_counts())
 
     def status_counts(self) -> dict[str, int]:
-        return _counts(self.rows())
+        """As the hosts page counts, in one query: for live updates at 10,000 hosts."""
+        counts = self.store.status_counts(time.time() - self.config.dashboard.stalled_after)
+        return counts | {"all": sum(v for k, v in counts.items() if k != "stalled")}
 
-    def live_rows(self, macs: set[MacAddress]) -> dict[str, HostRow]:
-        """The current rows of these hosts (those still registered), for a live update."""
-        now, found = time.time(), {}
-        for mac in macs:
+    def live_rows(self, events: list[Event]) -> dict[str, HostRow]:
+        """The current rows of the hosts these just-stored events are of (those still
+        registered), each with its newest event among them, for a live update."""
+        now, newest, found = time.time(), {event.mac: event for event in events}, {}
+        for mac, event in newest.items():
             host = self.policy.host(mac)
             if host is not None:
-                events = self.store.events(mac, limit=1)
                 summary = HostSummary(host.mac, host.hostname, host.ip, host.profile,
-                                      host.netboot, host.status, events[-1] if events else None)
+                                      host.netboot, host.status, event)
                 found[str(mac)] = self.row(summary, now)
         return found
 

@@ -362,10 +362,23 @@ class SqliteStore:
         ).fetchall()
         summaries = []
         for mac_text, hostname, ip, profile, netboot, status, when, source, message in rows:
-            mac = MacAddress.parse(mac_text)
+            mac = MacAddress(bytes.fromhex(mac_text.replace(":", "")))  # stored canonical
             last = None if when is None else Event(mac, when, source, message)
             summaries.append(HostSummary(mac, hostname, ip, profile, bool(netboot), Status(status), last))
         return summaries
+
+    def status_counts(self, stalled_before: float) -> dict[str, int]:
+        rows = self._connection().execute(
+            "SELECT h.status, COUNT(*), SUM(h.netboot = 1 AND h.status IN ('netbooting', "
+            "'installing') AND COALESCE((SELECT time FROM events WHERE id = (SELECT MAX(id) "
+            "FROM events WHERE mac = h.mac)), 0) < ?) FROM hosts h GROUP BY h.status",
+            (stalled_before,),
+        ).fetchall()
+        counts = {status.value: 0 for status in Status} | {"stalled": 0}
+        for status, count, stalled in rows:
+            counts[status] = count
+            counts["stalled"] += stalled
+        return counts
 
     def recent_events(self, since: float, limit: int = 10_000) -> list[Event]:
         # Newest first by id with the time filter applied outside: at most ``limit`` rows are

@@ -55,6 +55,9 @@ blueprint = Blueprint("dashboard", __name__, template_folder="templates",
 OVERVIEW = "pxeserver.overview"
 STREAM_SLOTS = "pxeserver.dashboard.streams"
 COUNTS_EVERY = 1.0  # seconds between status-count updates on one stream
+# Seconds a stream waits after a message before the next: a flood of events becomes a few
+# messages a second (the newest events of each, see EventFeed.after), not one per event.
+COALESCE = 0.1
 OPEN_ENDPOINTS = {"dashboard.login", "dashboard.login_submit", "dashboard.static"}
 
 
@@ -309,8 +312,8 @@ def profile_edit(name: str) -> BaseResponse:
 def activity() -> str:
     overview = _overview()
     events = overview.recent_events()
-    rows = overview.live_rows({event.mac for event in events})
-    return render_template("dashboard/activity.html", events=reversed(events), hosts=rows,
+    return render_template("dashboard/activity.html", events=reversed(events),
+                           hosts=overview.live_rows(events),
                            chart=overview.chart(), feed_last=_context().timeline.feed.last)
 
 
@@ -347,7 +350,7 @@ def _events(context: Context, overview: Overview, slots: threading.BoundedSemaph
             seen, events = context.timeline.feed.after(seen, timeout=wait)
             message: dict[str, Any] = {}
             if events:
-                rows = overview.live_rows({event.mac for event in events})
+                rows = overview.live_rows(events)
                 message["events"] = [_event(event, rows) for event in events if str(event.mac) in rows]
                 message["hosts"] = {mac: row.to_dict() for mac, row in rows.items()}
                 counts_due = counts_due or max(time.monotonic(), counts_sent + COUNTS_EVERY)
@@ -356,6 +359,8 @@ def _events(context: Context, overview: Overview, slots: threading.BoundedSemaph
                 counts_sent = time.monotonic()
             # An empty message is a comment: it shows a client that went away as a failed write.
             yield f"id: {seen}\ndata: {json.dumps(message)}\n\n" if message else ": idle\n\n"
+            if events:
+                time.sleep(COALESCE)
     finally:
         slots.release()
 
