@@ -67,6 +67,10 @@ def test_with_a_token_pages_ask_for_it_once(ctx: Context, client: FlaskClient) -
     wrong = client.post("/login", data={"csrf": token, "token": "nope"})
     assert wrong.status_code == 401 and b"wrong token" in wrong.data
     assert client.get("/").status_code == 302
+    for elsewhere in ("//evil.example/", "/\\evil.example", "https://evil.example/"):
+        token = csrf_of(client.get("/login").data)  # each login starts a new session
+        reply = client.post("/login", data={"csrf": token, "token": TOKEN, "next": elsewhere})
+        assert reply.status_code == 302 and reply.headers["Location"] == "/", elsewhere
     login(client)
     page = client.get("/")
     assert page.status_code == 200 and b"web1" in page.data and b'id="no-token"' not in page.data
@@ -212,6 +216,7 @@ def test_stream_sends_events_and_resumes_from_last_event_id(ctx: Context, served
     assert "missed while away" in again and "sent pxelinux.cfg/01-test" not in again
 
 
+@pytest.mark.slow
 def test_a_flood_of_streams_holds_only_max_streams_and_the_api_stays_served(
         ctx: Context, served: str) -> None:
     """Attack: 20 clients open the event stream at once and keep it. Only max_streams (3) are
@@ -240,3 +245,19 @@ def test_a_flood_of_streams_holds_only_max_streams_and_the_api_stays_served(
         time.sleep(0.5)
     else:
         pytest.fail("stream slots were not released after the clients went away")
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("stalled_after", 0, "[dashboard] stalled_after must be 1..2592000, not 0"),
+    ("page_size", 5000, "[dashboard] page_size must be 10..1000, not 5000"),
+    ("max_streams", 32, "[dashboard] max_streams must be less than [http] threads (32), not 32"),
+    ("stream_seconds", 0, "[dashboard] stream_seconds must be 1..3600, not 0"),
+])
+def test_dashboard_settings_are_checked(tmp_path, key: str, value: int, message: str) -> None:
+    from pxeserver.config import ConfigError, load
+
+    file = tmp_path / "pxeserver.toml"
+    file.write_text(f"[dashboard]\n{key} = {value}\n")
+    with pytest.raises(ConfigError) as error:
+        load(file)
+    assert message in str(error.value)

@@ -22,6 +22,7 @@ from http_support import MAC, PROFILE, curl
 
 from pxeserver.app import Context
 from pxeserver.mac import MacAddress
+from pxeserver.registry import Status
 from pxeserver.tftp import TftpService
 from pxeserver.web.server import HttpService
 
@@ -134,7 +135,7 @@ def test_browser_logs_in_acts_and_sees_a_boot_live(
     assert f"/api/hosts/{DASHED}/installed?token=********" in autoinstall
     assert "kernel images/centos5/vmlinuz" in driver.find_element(By.ID, "boot-config").text
     assert 'bootloader = "pypxeboot"' in driver.find_element(By.ID, "xl-config").text
-    shoot(driver, "host")
+    shoot(driver, "host-registered")
     driver.find_element(By.ID, "netboot-off").click()
     wait(driver, lambda d: d.find_elements(By.ID, "netboot-on"), "the netboot-on button")
     assert "netboot off" in driver.find_element(By.CSS_SELECTOR, ".flash.ok").text
@@ -184,6 +185,7 @@ def test_browser_logs_in_acts_and_sees_a_boot_live(
     timeline = driver.find_element(By.ID, "timeline").text.lower()
     for step in ("tftp", "pxelinux.cfg/01-", "served kickstart", "install complete", "+0.", " s"):
         assert step in timeline
+    shoot(driver, "host")
 
     # Profiles: list with file sizes and users; add one through the form.
     driver.get(f"{base}/profiles")
@@ -207,10 +209,29 @@ def test_browser_logs_in_acts_and_sees_a_boot_live(
     live(driver)
     assert "served kickstart" in driver.find_element(By.ID, "feed").text
     assert driver.find_elements(By.CSS_SELECTOR, "#chart .uplot canvas")
-    ctx.provisioning.update_host(_mac(), {"netboot": True})
-    wait(driver, lambda d: "netboot on: a new install" in d.find_element(By.ID, "feed").text,
-         "the new event in the live feed")
+    db10 = next(mac for mac in ctx.store.macs() if ctx.store.get_host(mac).hostname == "db10")
+    ctx.provisioning.set_netboot(db10, False)
+
+    def newest(d: object) -> str:
+        return d.find_element(By.CSS_SELECTOR, "#feed tbody tr:first-child").text
+
+    wait(driver, lambda d: "db10" in newest(d) and newest(d).endswith("changed netboot"),
+         "the new event at the top of the live feed")
     shoot(driver, "activity")
+
+    # Other hosts boot as the services move them (policy.advance): the counts follow live.
+    driver.get(f"{base}/?sort=status&order=desc")
+    live(driver)
+    others = sorted(mac for mac in ctx.store.macs() if mac not in (_mac(), db10))
+    for mac in others[:6]:
+        ctx.policy.advance(mac, Status.NETBOOTING)
+    for mac in others[:2]:
+        ctx.policy.advance(mac, Status.INSTALLING)
+    wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, '[data-count="netbooting"]').text == "4"
+         and d.find_element(By.CSS_SELECTOR, '[data-count="installed"]').text == "1"
+         and d.find_element(By.CSS_SELECTOR, '[data-count="installing"]').text == "2",
+         "the counts to follow the boots")
+    shoot(driver, "hosts-after")
 
 
 def _mac() -> MacAddress:

@@ -167,8 +167,14 @@ def login_submit() -> BaseResponse | tuple[str, int]:
     session.clear()  # a fresh session: no fixation of one planted before login
     session["login"] = _login_mark(token)
     csrf_token()
-    target = request.form.get("next", "/")
-    return redirect(target if target.startswith("/") and not target.startswith("//") else "/")
+    return redirect(_local(request.form.get("next", "/")))
+
+
+def _local(target: str) -> str:
+    """A path on this server, never another site: browsers read ``//x`` and ``/\\x`` as a host."""
+    if not target.startswith("/") or target[1:2] in ("/", "\\") or not target.isprintable():
+        return "/"
+    return target
 
 
 @blueprint.post("/logout")
