@@ -281,7 +281,7 @@ class Overview:
         self.timeline.flush()
         return self.store.recent_events(0.0, limit)
 
-    def chart(self, hours: int = 24, bucket: int = 600, now: float | None = None) -> dict[str, list[float]]:
+    def chart(self, hours: int = 24, bucket: int = 600, now: float | None = None) -> dict[str, Any]:
         """Boots (moves to netbooting) and completed installs per ``bucket`` seconds over the
         last ``hours``, as uPlot's columns: times, boots, installs."""
         now = time.time() if now is None else now
@@ -297,7 +297,7 @@ class Overview:
                 boots[index] += 1
             elif event.source == "callback" and event.message.startswith(INSTALL_MESSAGE):
                 installs[index] += 1
-        return {"times": times, "boots": boots, "installs": installs, "bucket": [float(bucket)]}
+        return {"times": times, "boots": boots, "installs": installs, "bucket": bucket}
 
     def profile_names(self) -> list[str]:
         return [p.name for p in self.store.list_profiles()]

@@ -4,6 +4,7 @@ real HTTP service while a good client is served."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -261,3 +262,19 @@ def test_dashboard_settings_are_checked(tmp_path, key: str, value: int, message:
     with pytest.raises(ConfigError) as error:
         load(file)
     assert message in str(error.value)
+
+
+def test_activity_chart_counts_boots_and_installs(ctx: Context, client: FlaskClient) -> None:
+    ctx.policy.advance(HOST, Status.NETBOOTING)
+    ctx.policy.advance(HOST, Status.INSTALLING)
+    token = ctx.store.get_host(HOST).install_token
+    ctx.provisioning.install_done(HOST, token, client_ip="127.0.0.1")
+    page = client.get("/activity").data.decode()
+    data = json.loads(re.search(r'id="chart-data">(.*?)</script>', page).group(1))
+    assert sum(data["boots"]) == 1 and sum(data["installs"]) == 1
+    assert len(data["times"]) == len(data["boots"]) == 24 * 6 + 1
+    assert data["boots"][-1] == 1  # in the newest bucket
+    assert "install complete; next boot is local" in page
+    assert "uPlot.iife.min.js" in page
+    vendored = client.get("/assets/vendor/uplot/uPlot.iife.min.js")
+    assert vendored.status_code == 200 and b"uPlot" in vendored.data

@@ -158,7 +158,7 @@
   if (chartData && window.uPlot) {
     const data = JSON.parse(chartData.textContent);
     const columns = [data.times, data.boots, data.installs];
-    const bucket = data.bucket[0];
+    const bucket = data.bucket;
     const el = document.getElementById("chart");
     const plot = new uPlot({
       width: Math.max(400, el.clientWidth), height: 220,
