@@ -59,8 +59,8 @@ def server(ctx: Context) -> Iterator[tuple[str, int]]:
 
 
 @pytest.fixture
-def browser() -> Iterator[object]:
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never fetch a browser or driver
+def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never fetch anything
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
