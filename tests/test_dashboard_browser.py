@@ -232,6 +232,17 @@ def test_browser_logs_in_acts_and_sees_a_boot_live(
          "the counts to follow the boots")
     shoot(driver, "hosts-after")
 
+    # A host that stays netbooting past [dashboard] stalled_after turns stalled on the open page.
+    ctx.config.dashboard.stalled_after = 5
+    fresh = others[-1]
+    ctx.policy.advance(fresh, Status.NETBOOTING)
+    driver.get(f"{base}/?q={fresh}")
+    row = f'tr[data-mac="{fresh}"]'
+    assert "stalled" not in driver.find_element(By.CSS_SELECTOR, row).get_attribute("class")
+    wait(driver, lambda d: "stalled" in d.find_element(By.CSS_SELECTOR, row).get_attribute("class")
+         and "stalled" in d.find_element(By.CSS_SELECTOR, f"{row} td.status").text,
+         "the row to be marked stalled", seconds=20)
+
 
 def _mac() -> MacAddress:
     return MacAddress.parse(MAC)
