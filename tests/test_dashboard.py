@@ -135,6 +135,9 @@ def test_editing_keeps_masked_secrets_and_reports_bad_input(ctx: Context, client
                       follow_redirects=True)
     assert b"edit refused: invalid hostname" in bad.data
     assert ctx.store.get_host(HOST).hostname == "web2"
+    deep = client.post(f"/hosts/{MAC}/edit", data=form | {"vars": "[" * 50_000},
+                       follow_redirects=True)
+    assert deep.status_code == 200 and b"edit refused: vars must be a JSON object" in deep.data
 
 
 def test_profiles_list_files_and_users_and_can_be_added(ctx: Context, client: FlaskClient) -> None:

@@ -25,7 +25,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -202,7 +202,7 @@ def _form_json(name: str) -> Any:
     if not text:
         return {}
     try:
-        return json.loads(text)
+        return current_app.json.loads(text)  # the API's parser: too deep is a ValueError too
     except ValueError as exc:
         raise ValidationError(f"{name} must be a JSON object: {exc}") from None
 
@@ -229,7 +229,7 @@ def host(mac: str) -> str:
                            stalled_after=_context().config.dashboard.stalled_after)
 
 
-def _change(action: str, done: str, back: str, work: Any) -> BaseResponse:
+def _change(action: str, done: str, back: str, work: Callable[[], object]) -> BaseResponse:
     """Run one change; its error, if any, is shown on the page it came from."""
     try:
         work()
