@@ -12,7 +12,7 @@ from pxeserver.registry.models import (
     XenSettings,
 )
 from pxeserver.registry.sqlite import SqliteStore
-from pxeserver.registry.store import Lease, Store
+from pxeserver.registry.store import HostSummary, Lease, Store
 
 
 def open_store(database: str) -> Store:
@@ -21,6 +21,6 @@ def open_store(database: str) -> Store:
 
 
 __all__ = [
-    "BootFile", "Conflict", "Event", "Host", "Lease", "NotFound", "Profile", "SqliteStore", "Status",
+    "BootFile", "Conflict", "Event", "Host", "HostSummary", "Lease", "NotFound", "Profile", "SqliteStore", "Status",
     "Store", "ValidationError", "XenSettings", "open_store",
 ]

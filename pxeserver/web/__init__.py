@@ -8,7 +8,7 @@ from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 
 from pxeserver.app import Context
-from pxeserver.web import api, files, imports, metrics
+from pxeserver.web import api, dashboard, files, imports, metrics
 
 MAX_BODY_BYTES = 256 * 1024
 
@@ -36,5 +36,6 @@ def create_app(context: Context) -> Flask:
     app.register_blueprint(api.blueprint)
     app.register_blueprint(imports.blueprint)
     app.register_blueprint(files.blueprint)
+    app.register_blueprint(dashboard.blueprint)
     metrics.install(app, context)
     return app
