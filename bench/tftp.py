@@ -41,6 +41,7 @@ DNSMASQ_ADDRESS = "127.69.0.1"
 def serve_ours(root: str, data_dir: str) -> None:
     """Child process: run pxeserver's TFTP service until stdin closes; print its port."""
     from child import serve_until_stdin_closes
+
     from pxeserver.config import Config
     from pxeserver.tftp import TftpService
 

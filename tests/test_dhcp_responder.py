@@ -13,8 +13,7 @@ from collections.abc import Iterator
 import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 
-from pxeserver import app
-from pxeserver import config as config_module
+from pxeserver import app, config as config_module
 from pxeserver.config import Config
 from pxeserver.dhcp import leases
 from pxeserver.dhcp.responder import Reply, Responder

@@ -90,7 +90,7 @@ class HostileTftp:
         while not self.stopping.is_set():
             try:
                 packet, client = self.sock.recvfrom(2048)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -154,7 +154,7 @@ class HostileTftp:
                         return False
                     if source == client and opcode == ACK and number == block & 0xFFFF:
                         return True
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return False
@@ -523,7 +523,7 @@ class RogueDhcp:
                 self.server_side.settimeout(0.2)
             try:
                 data = self.server_side.recv(4096)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             request = codec.parse(data)
             if request.message_type in (MessageType.DISCOVER, MessageType.REQUEST):
@@ -534,7 +534,7 @@ class RogueDhcp:
         while not self.stopping.is_set():
             try:
                 data, (source, _) = self.client_side.recvfrom(4096)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             if source == SERVER_IP and codec.parse(data).message_type == MessageType.OFFER:
                 self.on_good_offer()

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import tftpy
+from tftp_support import running
 
 from pxeserver.app import Context
 from pxeserver.mac import MacAddress
 from pxeserver.registry import Status
 from pxeserver.tftp import TftpService
-from tftp_support import running
 
 MAC_AS_TYPED = "AA:00:86:E2:35:72"  # pypxeboot keeps the case the user typed
 HOST_IP = "10.0.0.23"

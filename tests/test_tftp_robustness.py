@@ -12,11 +12,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tftp_support import (
+    DATA,
+    WRQ,
+    RawClient,
+    ack,
+    error_of,
+    request,
+    running,
+)
 
 from pxeserver.app import Context
 from pxeserver.tftp import TftpService
-from tftp_support import client  # noqa: F401 (a fixture)
-from tftp_support import DATA, WRQ, RawClient, ack, error_of, request, running
 
 
 @pytest.fixture

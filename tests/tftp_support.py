@@ -32,7 +32,7 @@ def running(context: Context) -> AbstractContextManager[TftpService]:
 
 @pytest.fixture
 def client(service: TftpService) -> Iterator[RawClient]:
-    """A raw client of the module's ``service`` fixture (import it into the test module)."""
+    """A raw client of the module's ``service`` fixture (a plugin of conftest.py)."""
     raw = RawClient(service.port)
     yield raw
     raw.close()

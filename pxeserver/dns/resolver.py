@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from dnslib import CLASS, OPCODE, QTYPE, RCODE, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, EDNS0
+from dnslib import CLASS, EDNS0, OPCODE, QTYPE, RCODE, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 from dnslib.label import DNSBuffer
 
 from pxeserver.dns.zone import NOERROR, REFUSED, Answer, Name, Zone, ZoneSettings, name_wire

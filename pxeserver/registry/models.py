@@ -10,9 +10,9 @@ import ipaddress
 import json
 import re
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import Enum
-from collections.abc import Collection
 from typing import Any
 
 from pxeserver.mac import InvalidMac, MacAddress
