@@ -161,7 +161,7 @@ def main() -> None:
         (f"(b) {300 // scale} x 1 MB, blksize 1468", lambda s: timed(
             s, [Job("images/one-mb", {"blksize": "1468"}, ip) for ip in sources(300 // scale)])),
         (f"(c) {len(configs)} config fetches", lambda s: timed(
-            s, [Job(name, {"tsize": "0", "blksize": "1408"}, ip) for name, ip in zip(configs, sources(len(configs)))])),
+            s, [Job(name, {"tsize": "0", "blksize": "1408"}, ip) for name, ip in zip(configs, sources(len(configs)), strict=True)])),
         (f"    {2000 // scale} x 64 KB sessions", lambda s: timed(
             s, [Job("images/pxelinux.0", {"blksize": "1468"}, ip) for ip in sources(2000 // scale)])),
     ]

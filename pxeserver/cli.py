@@ -57,9 +57,9 @@ def _print_json(data: Any) -> None:
 
 
 def _print_table(rows: list[list[str]], headers: list[str]) -> None:
-    widths = [max(len(str(v)) for v in column) for column in zip(headers, *rows)]
+    widths = [max(len(str(v)) for v in column) for column in zip(headers, *rows, strict=True)]
     for row in [headers, *rows]:
-        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _parse_vars(values: tuple[str, ...]) -> dict[str, Any]:

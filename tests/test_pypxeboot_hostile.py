@@ -97,7 +97,7 @@ class HostileTftp:
             if struct.unpack("!H", packet[:2])[0] != RRQ:
                 continue
             fields = packet[2:].split(b"\0")
-            name, options = fields[0].decode(), dict(zip(fields[2:-1:2], fields[3:-1:2]))
+            name, options = fields[0].decode(), dict(zip(fields[2:-1:2], fields[3:-1:2], strict=False))
             threading.Thread(target=self._transfer, args=(name, options, client), daemon=True).start()
 
     def _transfer(self, name: str, options: dict[bytes, bytes], client: tuple[str, int]) -> None:

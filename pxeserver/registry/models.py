@@ -12,7 +12,7 @@ import re
 import secrets
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from pxeserver.mac import InvalidMac, MacAddress
@@ -30,7 +30,7 @@ class Conflict(Exception):
     """A duplicate, or a change that would leave the registry inconsistent."""
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     REGISTERED = "registered"
     NETBOOTING = "netbooting"
     INSTALLING = "installing"
