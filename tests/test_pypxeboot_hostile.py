@@ -254,8 +254,10 @@ def assert_booted(outcome: Outcome, directory: Path, kernel: bytes, initrd: byte
 
 
 @pytest.mark.parametrize("kernel_line, append, refused_for", [
-    ("images/linux", "console=hvc0\0kernel /etc/shadow\0ramdisk /etc/passwd", "append line holds a control character ('\\x00')"),
-    ("images/linux\0/etc/shadow", "console=hvc0", "the kernel path 'images/linux\\x00/etc/shadow' is not a plain TFTP path"),
+    ("images/linux", "console=hvc0\0kernel /etc/shadow\0ramdisk /etc/passwd",
+     "append line holds a control character ('\\x00')"),
+    ("images/linux\0/etc/shadow", "console=hvc0",
+     "the kernel path 'images/linux\\x00/etc/shadow' is not a plain TFTP path"),
     ("images/linux", "quiet\rkernel /etc/shadow", "control character ('\\r')"),
     ("images/linux", "quiet\x0bkernel /etc/shadow", "control character ('\\x0b')"),
     ("images/linux", "quiet\x1b[2J", "control character ('\\x1b')"),
