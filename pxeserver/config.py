@@ -84,6 +84,8 @@ class HttpSection:
     idle_timeout: int = 15
     max_connections: int = 1000  # open connections from all clients together
     max_connections_per_address: int = 32  # open connections from one client address
+    # GET /dom0/pypxeboot: the file `pxeserver build-pypxeboot` writes, for a dom0 to fetch.
+    serve_pypxeboot: bool = True
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The Flask application: the JSON API and the files installers fetch."""
+"""The Flask application: the JSON API, the files installers fetch and pypxeboot for dom0s."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 
 from pxeserver.app import Context
-from pxeserver.web import api, files, metrics
+from pxeserver.web import api, dom0, files, metrics
 
 MAX_BODY_BYTES = 256 * 1024
 
@@ -35,5 +35,7 @@ def create_app(context: Context) -> Flask:
     app.extensions["pxeserver"] = context
     app.register_blueprint(api.blueprint)
     app.register_blueprint(files.blueprint)
+    if context.config.http.serve_pypxeboot:
+        app.register_blueprint(dom0.blueprint)
     metrics.install(app, context)
     return app
