@@ -87,6 +87,8 @@ class HttpSection:
     idle_timeout: int = 15
     max_connections: int = 1000  # open connections from all clients together
     max_connections_per_address: int = 32  # open connections from one client address
+    # GET /dom0/pypxeboot: the file `pxeserver build-pypxeboot` writes, for a dom0 to fetch.
+    serve_pypxeboot: bool = True
 
 
 @dataclass
@@ -223,7 +225,8 @@ def _default_route_address() -> str:
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.connect(("192.0.2.1", 9))  # TEST-NET-1: routed, never contacted
-            return probe.getsockname()[0]
+            address: str = probe.getsockname()[0]
+            return address
     except OSError:
         return "127.0.0.1"
 
