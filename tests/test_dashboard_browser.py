@@ -54,7 +54,7 @@ def server(ctx: Context) -> Iterator[tuple[str, int]]:
                                "ip": "127.0.0.1", "vars": {"api_key": "k-e-y-secret"}})
     for number in range(12):
         ctx.provisioning.add_host({"hostname": f"db{number}", "profile": "centos5"})
-    with started(HttpService(ctx)) as http, started(TftpService(ctx)) as tftp:
+    with started(HttpService(ctx)), started(TftpService(ctx)) as tftp:
         yield ctx.config.http_base_url, tftp.port
 
 

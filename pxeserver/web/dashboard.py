@@ -75,11 +75,13 @@ def _setup(state: BlueprintSetupState) -> None:
 
 
 def _context() -> Context:
-    return current_app.extensions["pxeserver"]
+    context: Context = current_app.extensions["pxeserver"]
+    return context
 
 
 def _overview() -> Overview:
-    return current_app.extensions[OVERVIEW]
+    overview: Overview = current_app.extensions[OVERVIEW]
+    return overview
 
 
 @blueprint.app_template_filter("duration")
@@ -90,7 +92,7 @@ def _duration(seconds: float) -> str:
 
 
 @blueprint.app_template_filter("filesize")
-def _filesize(size: int) -> str:
+def _filesize(size: float) -> str:
     for unit in ("B", "KiB", "MiB"):
         if size < 1024:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
@@ -112,7 +114,8 @@ def _logged_in() -> bool:
 def csrf_token() -> str:
     if "csrf" not in session:
         session["csrf"] = secrets.token_urlsafe(32)
-    return session["csrf"]
+    token: str = session["csrf"]
+    return token
 
 
 def _same_origin() -> bool:
