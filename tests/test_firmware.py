@@ -179,9 +179,9 @@ def test_pypxeboot_gets_its_lease_on_the_same_bridge(tmp_path: Path) -> None:
         register_installer(the_lab)
         with serving(the_lab, "pypxeboot"):
             lease = run(*the_lab.net.in_guests(
-                sys.executable, "-c", "import dataclasses, json, sys; from pxeserver.mac import MacAddress; "
+                sys.executable, "-c", "import dataclasses, json, sys, time; from pxeserver.mac import MacAddress; "
                 "from pxeserver.pypxeboot.dhcp import obtain_lease; "
-                "print(json.dumps(dataclasses.asdict(obtain_lease(MacAddress.parse(sys.argv[1]), sys.argv[2]))))",
-                MAC, BRIDGE), timeout=60).stdout
-        assert json.loads(lease) == {"ip": GUEST_IP, "next_server": SERVER_IP, "boot_file": "pxelinux.0",
-                                     "hostname": "web1"}
+                "print(json.dumps(dataclasses.asdict(obtain_lease(MacAddress.parse(sys.argv[1]), sys.argv[2], "
+                "sys.argv[3], time.monotonic() + 30))))",
+                MAC, BRIDGE, SERVER_IP), timeout=60).stdout
+        assert json.loads(lease) == {"ip": GUEST_IP, "next_server": SERVER_IP, "boot_file": "pxelinux.0"}
