@@ -8,7 +8,6 @@ them (``masked_vars`` with ``[api] secret_vars``; the install token never appear
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -17,10 +16,10 @@ from jinja2 import TemplateError
 
 from pxeserver import domu, pxelinux
 from pxeserver.autoinstall import AutoinstallRenderer
+from pxeserver.bootfiles import file_status
 from pxeserver.config import Config
 from pxeserver.mac import MacAddress
 from pxeserver.policy import BootPolicy
-from pxeserver.published import NotPublished, open_published
 from pxeserver.registry import Event, Host, HostSummary, Profile, Status, Store
 from pxeserver.registry.models import MASK, masked_vars
 from pxeserver.timeline import Timeline
@@ -264,16 +263,14 @@ class Overview:
         )
 
     def _file(self, role: str, path: str) -> ProfileFile:
-        """Size of a profile's file as TFTP and /boot/ would publish it (None: they would not)."""
-        try:
-            published = open_published(self.config.tftp_root, path)
-        except NotPublished:
+        """A profile's file as TFTP and /boot/ would publish it (size None: they would not),
+        and whether it still matches the checksum its import recorded."""
+        status = file_status(self.config.tftp_root, path, self.store)
+        if not status["served"]:
             return ProfileFile(role, path, None, "missing")
-        try:
-            size = os.fstat(published.fd).st_size
-        finally:
-            os.close(published.fd)
-        return ProfileFile(role, path, size, "no checksum recorded")
+        checksum = {None: "no checksum recorded", True: "matches its import",
+                    False: "CHANGED since its import"}[status["matches"]]
+        return ProfileFile(role, path, status["size"], checksum)
 
     # -- activity -------------------------------------------------------------------------
 

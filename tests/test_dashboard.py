@@ -4,6 +4,7 @@ real HTTP service while a good client is served."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -16,7 +17,7 @@ from http_support import MAC, PROFILE, curl, running
 
 from pxeserver.app import Context
 from pxeserver.mac import MacAddress
-from pxeserver.registry import Status
+from pxeserver.registry import BootFile, Status
 from pxeserver.web import create_app
 
 TOKEN = "dash-token"
@@ -281,3 +282,20 @@ def test_activity_chart_counts_boots_and_installs(ctx: Context, client: FlaskCli
     assert "uPlot.iife.min.js" in page
     vendored = client.get("/assets/vendor/uplot/uPlot.iife.min.js")
     assert vendored.status_code == 200 and b"uPlot" in vendored.data
+
+
+def test_profile_page_says_whether_imported_files_still_match(ctx: Context, client: FlaskClient) -> None:
+    images = ctx.config.tftp_root / "images" / "deb"
+    images.mkdir(parents=True)
+    kernel, initrd = b"k" * 4096, b"i" * 8192
+    (images / "linux").write_bytes(kernel)
+    (images / "initrd.gz").write_bytes(initrd)
+    records = [BootFile(f"images/deb/{name}", len(data), hashlib.sha256(data).hexdigest(), "test")
+               for name, data in (("linux", kernel), ("initrd.gz", initrd))]
+    ctx.provisioning.add_imported_profile({"name": "deb", "kernel": "images/deb/linux",
+                                           "initrd": "images/deb/initrd.gz"}, records)
+    page = client.get("/profiles/deb").data.decode()
+    assert page.count("matches its import") == 2 and "CHANGED" not in page
+    (images / "initrd.gz").write_bytes(b"x" * 8192)  # same size, other bytes
+    page = client.get("/profiles/deb").data.decode()
+    assert page.count("matches its import") == 1 and page.count("CHANGED since its import") == 1
