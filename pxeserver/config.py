@@ -47,6 +47,10 @@ class BootSection:
     default_profile: str = ""
     efi_loader: str = "syslinux.efi"  # boot file for x64 UEFI firmware
     bios_loader: str = "pxelinux.0"
+    # How boot configs name kernels and initrds: "tftp" paths, or "http" URLs under /boot/ on
+    # this server (pypxeboot and lpxelinux fetch them over HTTP: faster in a boot storm).
+    kernel_transport: str = "tftp"
+    http_bios_loader: str = "lpxelinux.0"  # the BIOS boot file when kernel_transport is "http"
 
 
 @dataclass
@@ -218,6 +222,7 @@ def _apply(section: Any, values: dict[str, Any], where: str) -> None:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+KERNEL_TRANSPORTS = ("tftp", "http")
 _INTERFACE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ, and what ip-link accepts
 _TOKEN = re.compile(r"^[\x21-\x7e]*$")  # printable ASCII: it travels in an HTTP header
 MAX_LEASE_TIME = 0xFFFFFFFE  # seconds; 0xFFFFFFFF means "infinite" in DHCP
@@ -306,7 +311,9 @@ def validate(config: Config) -> None:
             validate_profile_name(config.boot.default_profile)
     except ValidationError as exc:
         _fail("boot", "default_profile", f"must be a profile name: {exc}")
-    for key in ("efi_loader", "bios_loader"):
+    if config.boot.kernel_transport not in KERNEL_TRANSPORTS:
+        _fail("boot", "kernel_transport", f"must be 'tftp' or 'http', not {config.boot.kernel_transport!r}")
+    for key in ("efi_loader", "bios_loader", "http_bios_loader"):
         try:
             validate_boot_path(key, getattr(config.boot, key))
         except ValidationError as exc:
