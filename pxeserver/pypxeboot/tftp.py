@@ -7,7 +7,12 @@ can inject DATA; it also parses a packet before looking at where it came from (o
 injected packet ends the transfer), its timeout restarts on any packet at all, and it has no
 place for a size cap, a speed floor or a deadline. A subclass would have to replace ``cycle``
 and the client states, which is the whole client; this loop is that client with the checks in
-it. The wire format stays tftpy's (``TftpPacketFactory``, ``TftpPacketRRQ``/``ACK``/``ERR``).
+it. The wire format stays tftpy's (``TftpPacketFactory``, ``TftpPacketRRQ``/``ERR``; an ACK is
+four bytes, packed here: it is sent per window, and tftpy's object for it costs more than the send).
+
+It asks blksize 1468 and windowsize 16 (RFC 7440): in a boot storm every ACK is a packet the
+client sends and the server reads, so one ACK per 16 blocks cuts both sides' work per block; a
+server that does not acknowledge windowsize (dnsmasq, tftp-hpa) sends lockstep as before.
 
 Trust: the first answer from the server's address fixes the transfer's port (RFC 1350's TID);
 after that only packets from that address and port count, others are dropped unread.
