@@ -7,8 +7,9 @@ can inject DATA; it also parses a packet before looking at where it came from (o
 injected packet ends the transfer), its timeout restarts on any packet at all, and it has no
 place for a size cap, a speed floor or a deadline. A subclass would have to replace ``cycle``
 and the client states, which is the whole client; this loop is that client with the checks in
-it. The wire format stays tftpy's (``TftpPacketFactory``, ``TftpPacketRRQ``/``ERR``; an ACK is
-four bytes, packed here: it is sent per window, and tftpy's object for it costs more than the send).
+it. The wire format stays tftpy's (``TftpPacketFactory``, ``TftpPacketRRQ``/``ERR``/``OACK``),
+except for the two packets of every block, DATA and ACK: four bytes of header each, read and
+packed here, since tftpy's objects for them cost more than the socket calls.
 
 It asks blksize 1468 and windowsize 16 (RFC 7440): in a boot storm every ACK is a packet the
 client sends and the server reads, so one ACK per 16 blocks cuts both sides' work per block; a
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from tftpy.TftpPacketFactory import TftpPacketFactory
-from tftpy.TftpPacketTypes import TftpPacketDAT, TftpPacketERR, TftpPacketOACK, TftpPacketRRQ
+from tftpy.TftpPacketTypes import TftpPacketERR, TftpPacketOACK, TftpPacketRRQ
 from tftpy.TftpShared import TftpException
 
 BLKSIZE = 1468  # fits an Ethernet frame; 512-byte lockstep is 3x slower
@@ -80,6 +81,22 @@ def download(server: str, port: int, path: str, output: BinaryIO, limit: int, to
             "blksize": str(BLKSIZE), "tsize": "0", "windowsize": str(WINDOWSIZE)}
         transfer.send(rrq.encode().buffer, (server, port))
         return transfer.run(output)
+
+
+class _Data:
+    """A DATA packet, read here rather than by tftpy: it is the one packet per block, and
+    its format is the opcode, the block number and the bytes."""
+
+    __slots__ = ("blocknumber", "data")
+
+    def __init__(self, blocknumber: int, data: bytes) -> None:
+        self.blocknumber, self.data = blocknumber, data
+
+    @classmethod
+    def parse(cls, packet: bytes) -> _Data | None:
+        if len(packet) < 4 or packet[:2] != b"\0\3":
+            return None  # not DATA: tftpy's parser reads it
+        return cls(int.from_bytes(packet[2:4], "big"), packet[4:])
 
 
 class _Transfer:
@@ -149,11 +166,11 @@ class _Transfer:
             if source[0] != self.server or (self.peer is not None and source != self.peer):
                 continue  # not the server we asked, or not this transfer's port: unread
             try:
-                packet = self.factory.parse(data)
+                packet = _Data.parse(data) or self.factory.parse(data)
             except (TftpException, struct.error, UnicodeDecodeError, ValueError):
                 continue  # garbage (maybe forged): not worth ending the transfer for
             if self.peer is None:
-                if not isinstance(packet, (TftpPacketOACK, TftpPacketDAT, TftpPacketERR)):
+                if not isinstance(packet, (TftpPacketOACK, _Data, TftpPacketERR)):
                     continue
                 self.peer = source
             if isinstance(packet, TftpPacketERR):
@@ -166,7 +183,7 @@ class _Transfer:
                     blksize, tsize, windowsize = self.accept_options(packet.options)
                     negotiated = True
                 self.ack(0)  # again, if it was our ACK that got lost
-            elif isinstance(packet, TftpPacketDAT):
+            elif isinstance(packet, _Data):
                 if packet.blocknumber != expected or len(packet.data) > blksize:
                     started = received or expected != 1
                     if windowsize == 1 and packet.blocknumber == (expected - 1) & 0xFFFF and started:
