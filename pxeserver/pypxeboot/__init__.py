@@ -182,7 +182,8 @@ class Outputs:
 
 
 class Fetcher:
-    """TFTP downloads from one server, relative to the boot file's directory (pxelinux's prefix)."""
+    """Downloads from one server: TFTP relative to the boot file's directory (pxelinux's
+    prefix), or HTTP for a kernel or initrd named by a URL on that same server."""
 
     def __init__(self, server: str, port: int, prefix: str, bounds: Bounds, request: Request) -> None:
         self.server, self.port, self.prefix = server, port, prefix

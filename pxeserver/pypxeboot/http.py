@@ -29,6 +29,7 @@ from typing import BinaryIO
 from pxeserver.pypxeboot.tftp import Bounds, BoundExceeded, NoAnswer, ServerRefused, TransferFailed
 
 CHUNK = 256 * 1024  # bytes per read: at most one socket read each (read1)
+_DIGITS = re.compile(r"[0-9]{1,30}")  # ASCII only: str.isdigit() takes "²", which int() refuses
 _URL = re.compile(r"http://([0-9.]{7,15})(?::([0-9]{1,5}))?(/[!-~]*)")
 
 
@@ -72,8 +73,8 @@ def download(url: str, server: str, output: BinaryIO, limit: int, too_big: str, 
             where = response.getheader("Location", "")
             raise ServerRefused(f"{url}: the server answered {response.status} {response.reason}"[:200]
                                 + (f" (to {where[:100]}: redirects are not followed)" if 300 <= response.status < 400 else ""))
-        announced = response.getheader("Content-Length", "")
-        if announced.strip().isdigit() and int(announced) > limit:
+        announced = response.getheader("Content-Length", "").strip()
+        if _DIGITS.fullmatch(announced) and int(announced) > limit:
             raise BoundExceeded(too_big)
         return _body(sock, response, url, output, limit, too_big, bounds)
     finally:
