@@ -11,12 +11,16 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class NetBoot:
-    """Boot a kernel and initrd (paths relative to the TFTP root) with this command line."""
+    """Boot a kernel and initrd (paths relative to the TFTP root) with this command line.
+
+    ``base_url`` set (``http://server/boot``): boot configs name the kernel and initrd as URLs
+    under it, which lpxelinux and pypxeboot fetch over HTTP; empty: TFTP paths."""
 
     kernel: str
     initrd: str
     cmdline: str
     label: str = "install"
+    base_url: str = ""
 
 
 @dataclass(frozen=True)

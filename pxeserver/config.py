@@ -50,6 +50,10 @@ class BootSection:
     # What iPXE clients are handed: "script" (/ipxe/<mac> over HTTP) or "pxelinux" (the
     # firmware's loader above over TFTP, for admins who want pxelinux menus).
     ipxe_chain: str = "script"
+    # How boot configs name kernels and initrds: "tftp" paths, or "http" URLs under /boot/ on
+    # this server (pypxeboot and lpxelinux fetch them over HTTP: faster in a boot storm).
+    kernel_transport: str = "tftp"
+    http_bios_loader: str = "lpxelinux.0"  # the BIOS boot file when kernel_transport is "http"
 
 
 @dataclass
@@ -248,6 +252,7 @@ def _apply(section: Any, values: dict[str, Any], where: str) -> None:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+KERNEL_TRANSPORTS = ("tftp", "http")
 _INTERFACE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ, and what ip-link accepts
 _TOKEN = re.compile(r"^[\x21-\x7e]*$")  # printable ASCII: it travels in an HTTP header
 MAX_LEASE_TIME = 0xFFFFFFFE  # seconds; 0xFFFFFFFF means "infinite" in DHCP
@@ -338,7 +343,9 @@ def validate(config: Config) -> None:
         _fail("boot", "default_profile", f"must be a profile name: {exc}")
     if config.boot.ipxe_chain not in ("script", "pxelinux"):
         _fail("boot", "ipxe_chain", f"must be 'script' or 'pxelinux', not {config.boot.ipxe_chain!r}")
-    for key in ("efi_loader", "bios_loader"):
+    if config.boot.kernel_transport not in KERNEL_TRANSPORTS:
+        _fail("boot", "kernel_transport", f"must be 'tftp' or 'http', not {config.boot.kernel_transport!r}")
+    for key in ("efi_loader", "bios_loader", "http_bios_loader"):
         try:
             validate_boot_path(key, getattr(config.boot, key))
         except ValidationError as exc:

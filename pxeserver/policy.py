@@ -145,6 +145,7 @@ class BootPolicy:
             kernel=profile.kernel,
             initrd=profile.initrd,
             cmdline=" ".join(filter(None, [self._autoinstall_args(host, profile), profile.append])),
+            base_url=self.kernel_base_url(),
         )
 
     def default_spec(self) -> BootSpec:
@@ -156,7 +157,19 @@ class BootPolicy:
         except NotFound:
             log.error("default profile %r does not exist: unknown hosts boot locally", name)
             return LocalBoot()
-        return NetBoot(kernel=profile.kernel, initrd=profile.initrd, cmdline=profile.append)
+        return NetBoot(kernel=profile.kernel, initrd=profile.initrd, cmdline=profile.append,
+                       base_url=self.kernel_base_url())
+
+    def kernel_base_url(self) -> str:
+        """Where boot configs say kernels and initrds are: "" (TFTP paths) or this server's
+        ``/boot/`` URL, by ``[boot] kernel_transport``."""
+        return f"{self.config.http_base_url}/boot" if self.config.boot.kernel_transport == "http" else ""
+
+    def bios_loader(self) -> str:
+        """The boot file for BIOS PXE clients: lpxelinux (which reads http:// kernel paths)
+        when configs name kernels by URL, so HVM guests read the same configs as pypxeboot."""
+        boot = self.config.boot
+        return boot.http_bios_loader if boot.kernel_transport == "http" else boot.bios_loader
 
     def autoinstall_url(self, host: Host, kind: AutoinstallKind) -> str:
         path = "ks" if kind is AutoinstallKind.KICKSTART else "preseed"

@@ -25,10 +25,11 @@ def render(spec: BootSpec, *, comment: str = "") -> str:
     header = f"# {comment}\n" if comment else ""
     if isinstance(spec, LocalBoot):
         return f"{header}default local\n\nlabel local\n  localboot 0\n"
-    append = " ".join(filter(None, [f"initrd={spec.initrd}", spec.cmdline]))
+    where = f"{spec.base_url}/" if spec.base_url else ""
+    append = " ".join(filter(None, [f"initrd={where}{spec.initrd}", spec.cmdline]))
     return (
         f"{header}default {spec.label}\n\n"
-        f"label {spec.label}\n  kernel {spec.kernel}\n  append {append}\n"
+        f"label {spec.label}\n  kernel {where}{spec.kernel}\n  append {append}\n"
     )
 
 

@@ -38,6 +38,8 @@ BAD: list[tuple[str, str, Any, str]] = [
     ("boot", "default_profile", "no spaces", "[boot] default_profile must be a profile name"),
     ("boot", "efi_loader", "../syslinux.efi", "[boot] efi_loader must be a path under the TFTP root"),
     ("boot", "bios_loader", "/pxelinux.0", "[boot] bios_loader must be a path under the TFTP root"),
+    ("boot", "kernel_transport", "ftp", "[boot] kernel_transport must be 'tftp' or 'http', not 'ftp'"),
+    ("boot", "http_bios_loader", "../lpxelinux.0", "[boot] http_bios_loader must be a path under the TFTP root"),
     ("tftp", "address", "localhost", "[tftp] address must be an IPv4 address"),
     ("tftp", "port", 70000, "[tftp] port must be 0..65535"),
     ("tftp", "port", "69", "[tftp] port must be a whole number, not '69'"),

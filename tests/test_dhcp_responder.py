@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 
-from pxeserver import app, config as config_module
+from pxeserver import app, config as config_module, pxelinux
 from pxeserver.config import Config
 from pxeserver.dhcp import leases
 from pxeserver.dhcp.responder import Reply, Responder
@@ -85,6 +85,19 @@ def test_dns_option_names_this_server_when_its_dns_is_enabled(context):
     add_host(context)
     _, options, _ = ask(context, packet("discover"))
     assert options["name_server"] == SERVER
+
+
+def test_http_kernels_hand_bios_clients_lpxelinux(context):
+    """Configs naming http:// kernels need lpxelinux (pxelinux.0 reads only TFTP paths); the
+    configs themselves then name the kernel by URL, as pypxeboot reads them too."""
+    add_host(context)
+    context.config.boot.kernel_transport = "http"
+    reply, _, _ = ask(context, packet("discover", ("pxe_client_architecture", b"\x00\x00")))
+    assert reply.file.rstrip(b"\0") == b"lpxelinux.0"
+    config = pxelinux.render(context.policy.boot_spec(MacAddress.parse(MAC)))
+    base = context.config.http_base_url  # http://10.0.0.1:<port>: the address DHCP gives as next-server
+    assert base.startswith(f"http://{SERVER}")
+    assert f"kernel {base}/boot/k/linux\n" in config and f"initrd={base}/boot/k/initrd" in config
 
 
 @pytest.mark.parametrize("options, boot_file", [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -9,12 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port, started
 
 from pxeserver import pxelinux
 from pxeserver.bootspec import LocalBoot, NetBoot
 from pxeserver.mac import MacAddress
 from pxeserver.pypxeboot import BootFailed, config_names, parse_words
 from pxeserver.tftp import TftpService
+from pxeserver.web.server import HttpService
 
 MAC = "00:16:3e:12:34:56"
 
@@ -145,16 +148,22 @@ def test_importing_pypxeboot_loads_only_its_low_level_modules() -> None:
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.split() == [
         "pxeserver", "pxeserver.bootspec", "pxeserver.dhcp", "pxeserver.dhcp.codec", "pxeserver.mac",
-        "pxeserver.pxelinux", "pxeserver.pypxeboot", "pxeserver.pypxeboot.dhcp", "pxeserver.pypxeboot.tftp"]
+        "pxeserver.pxelinux", "pxeserver.pypxeboot", "pxeserver.pypxeboot.dhcp", "pxeserver.pypxeboot.http",
+        "pxeserver.pypxeboot.tftp"]
 
 
 BARE_PYTHON = "/usr/bin/python3"  # the system's own: no venv, nothing of pxeserver's stack
 
 
 @pytest.mark.skipif(not Path(BARE_PYTHON).exists(), reason="needs the system python3")
-def test_the_built_zipapp_netboots_on_a_python_with_nothing_installed(tftp, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["tftp", "http"])
+def test_the_built_zipapp_netboots_on_a_python_with_nothing_installed(tftp, tmp_path: Path, transport: str) -> None:
     ctx, port = tftp
     ctx.provisioning.add_host({"mac": MAC, "hostname": "web1", "profile": "d"})
+    web = contextlib.nullcontext()
+    if transport == "http":  # the configs name http://127.0.0.1:<port>/boot/... URLs
+        ctx.config.boot.kernel_transport, ctx.config.http.port = "http", free_port()
+        web = started(HttpService(ctx))
     built = subprocess.run([sys.executable, "-m", "pxeserver", "build-pypxeboot", "-o", str(tmp_path / "pypxeboot")],
                            capture_output=True, text=True, timeout=120)
     assert built.returncode == 0, built.stderr
@@ -162,10 +171,11 @@ def test_the_built_zipapp_netboots_on_a_python_with_nothing_installed(tftp, tmp_
     assert bare.returncode != 0  # -I -S: no site-packages at all, so only the zipapp's own tftpy can load
     out = tmp_path / "out"
     out.mkdir()
-    result = subprocess.run([BARE_PYTHON, "-I", "-S", str(tmp_path / "pypxeboot"), f"--output={out / 'result'}",
-                             "--output-format=simple0", f"--output-directory={out}", f"mac={MAC}",
-                             "server=127.0.0.1", f"tftp_port={port}", "/dev/null"],
-                            capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    with web:
+        result = subprocess.run([BARE_PYTHON, "-I", "-S", str(tmp_path / "pypxeboot"), f"--output={out / 'result'}",
+                                 "--output-format=simple0", f"--output-directory={out}", f"mac={MAC}",
+                                 "server=127.0.0.1", f"tftp_port={port}", "/dev/null"],
+                                capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     fields = dict(item.split(" ", 1) for item in (out / "result").read_text().rstrip("\0").split("\0"))
     root = ctx.config.tftp_root

@@ -49,6 +49,8 @@ class Served:
     tsize: int | None = None  # announced in the OACK (None: the real size, -1: not announced)
     inject: bool = False  # before each real block, forged DATA from another port and address
     error: bytes = b""  # answer with this error message instead
+    window: int = 0  # RFC 7440: acknowledge this windowsize (0: ignore the option, lockstep)
+    drop: frozenset[int] = frozenset()  # block numbers not sent the first time (windowed only)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class HostileTftp:
     sent: dict[str, int] = field(default_factory=dict)  # bytes of real DATA per name
     forged: int = 0
     errors: list[int] = field(default_factory=list)  # error codes the client sent us
+    acks: int = 0  # ACKs of DATA received in windowed transfers
 
     def __post_init__(self) -> None:
         with self.where():
@@ -120,8 +123,13 @@ class HostileTftp:
                 size = len(served.data) if served.tsize is None else served.tsize
                 if size >= 0 and b"tsize" in options:
                     announced["tsize"] = str(size)
+                if served.window and b"windowsize" in options:
+                    announced["windowsize"] = str(served.window)
                 oack = struct.pack("!H", OACK) + b"".join(f"{k}\0{v}\0".encode() for k, v in announced.items())
                 if not self._send_until_acked(sock, oack, 0, client):
+                    return
+                if "windowsize" in announced:
+                    self._send_windowed(sock, name, served, blksize, client)
                     return
             self.sent[name] = 0
             ends = time.monotonic() + self.give_up
@@ -141,6 +149,32 @@ class HostileTftp:
                 if len(chunk) < blksize:
                     return
                 block, offset = block + 1, offset + blksize
+
+    def _send_windowed(self, sock: socket.socket, name: str, served: Served, blksize: int,
+                       client: tuple[str, int]) -> None:
+        """RFC 7440's sender: a window of blocks, then from the block after the one ACKed;
+        the blocks in ``served.drop`` are left out the first time they are due."""
+        blocks = [served.data[start:start + blksize] for start in range(0, len(served.data) + 1, blksize)]
+        base, dropped, ends = 0, set(), time.monotonic() + self.give_up
+        self.sent[name] = 0
+        while base < len(blocks) and time.monotonic() < ends:
+            for index in range(base, min(base + served.window, len(blocks))):
+                if index + 1 in served.drop and index + 1 not in dropped:
+                    dropped.add(index + 1)
+                    continue
+                sock.sendto(struct.pack("!HH", DATA, index + 1) + blocks[index], client)
+                self.sent[name] += len(blocks[index])
+            try:
+                reply, source = sock.recvfrom(2048)
+            except TimeoutError:
+                continue  # send the window again
+            opcode, number = struct.unpack("!HH", reply[:4])
+            if opcode == ERROR:
+                self.errors.append(number)
+                return
+            if source == client and opcode == ACK and number >= base:
+                self.acks += 1
+                base = number
 
     def _send_until_acked(self, sock: socket.socket, packet: bytes, block: int, client: tuple[str, int]) -> bool:
         for _ in range(5):
@@ -319,6 +353,39 @@ def test_forged_data_from_other_ports_and_addresses_is_ignored(tmp_path: Path) -
     assert_booted(outcome, tmp_path / "d", KERNEL, INITRD)
     blocks = -(-len(KERNEL) // 1468) + -(-len(INITRD) // 1468)
     assert server.forged == 2 * blocks  # each block was forged twice before the real one came
+
+
+# -- windows (RFC 7440): one ACK per window, lost blocks fetched again -----------------------
+
+
+def test_a_windowed_transfer_is_acknowledged_once_per_window(tmp_path: Path) -> None:
+    files = config_for("images/linux", "quiet")
+    files["images/linux"] = Served(KERNEL, window=16)
+    files["images/initrd"] = Served(INITRD, window=16)
+    with HostileTftp(files) as server:
+        outcome = run_as_libxl(tmp_path, "server=127.0.0.1", f"tftp_port={server.port}")
+    assert_booted(outcome, tmp_path / "d", KERNEL, INITRD)
+    blocks = len(KERNEL) // 1468 + 1 + len(INITRD) // 1468 + 1
+    assert server.acks <= blocks // 16 + 2  # one per full window and one for each file's last
+
+
+def test_blocks_lost_from_a_window_are_fetched_again(tmp_path: Path) -> None:
+    """Blocks 5 and 40 and the last one go missing once: the client ACKs the block before
+    each gap, the server sends from there, and the file arrives whole."""
+    files = config_for("images/linux", "quiet")
+    files["images/linux"] = Served(KERNEL, window=16, drop=frozenset({5, 40, len(KERNEL) // 1468 + 1}))
+    with HostileTftp(files) as server:
+        outcome = run_as_libxl(tmp_path, "server=127.0.0.1", f"tftp_port={server.port}")
+    assert_booted(outcome, tmp_path / "d", KERNEL, INITRD)
+    assert outcome.seconds < 30
+
+
+def test_a_window_larger_than_asked_is_refused(tmp_path: Path) -> None:
+    files = config_for("images/linux", "quiet")
+    files["images/linux"] = Served(KERNEL, window=64)
+    with HostileTftp(files) as server:
+        outcome = run_as_libxl(tmp_path, "server=127.0.0.1", f"tftp_port={server.port}")
+    assert_refused(outcome, "the server's option acknowledgement is not what we asked")
 
 
 # -- (d), (e) an endless kernel, a 200 MB config --------------------------------------------

@@ -23,11 +23,12 @@ from pxeserver.mac import MacAddress
 from pxeserver.registry import SqliteStore
 
 
-def start_server(tmp_path: Path, **ports: int) -> tuple[subprocess.Popen[str], list[str]]:
+def start_server(tmp_path: Path, extra: str = "", **ports: int) -> tuple[subprocess.Popen[str], list[str]]:
+    """`pxeserver serve` on loopback with these ports; ``extra``: more of its config file."""
     (tmp_path / "pxeserver.toml").write_text(
         '[server]\naddress = "127.0.0.1"\n'
         f'[tftp]\naddress = "127.0.0.1"\nport = {ports["tftp"]}\n'
-        f'[http]\naddress = "127.0.0.1"\nport = {ports["http"]}\n'
+        f'[http]\naddress = "127.0.0.1"\nport = {ports["http"]}\n' + extra
     )
     process = subprocess.Popen([sys.executable, "-m", "pxeserver", "serve"], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -282,7 +282,7 @@ class Responder:
         arch_option = packet.options.get(Option.CLIENT_ARCH, b"")
         arch = int.from_bytes(arch_option[:2], "big") if len(arch_option) >= 2 else 0
         if arch == 0:
-            return self.config.boot.bios_loader
+            return self.policy.bios_loader()
         if arch in X64_UEFI_ARCHES:
             return self.config.boot.efi_loader
         return ""  # IA32 EFI, ARM64, HTTP boot...: no loader configured for these

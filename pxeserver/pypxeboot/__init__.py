@@ -4,7 +4,8 @@ xl runs it in dom0 when the domU's config says ``bootloader = "pypxeboot"``, as
 ``pypxeboot [--kernel=K] [--ramdisk=R] [--args=C] --output=FILE --output-format=simple0
 --output-directory=DIR mac=00:16:3e:... [interface=xenbr0] DISK``. It asks DHCP for the guest
 (with the guest's MAC), fetches ``pxelinux.cfg/`` configs in pxelinux's own lookup order
-over TFTP, downloads the default entry's kernel and initrd into DIR and writes where they are
+over TFTP, downloads the default entry's kernel and initrd (over TFTP, or over HTTP from the
+same server when the config names them by ``http://`` URL, as lpxelinux reads them) into DIR and writes where they are
 in the format xl asked for. A config that says ``localboot`` hands the same arguments to
 pygrub, which boots the installed system from DISK.
 
@@ -15,7 +16,8 @@ config whose kernel, initrd or append holds one is refused, as are paths that ar
 printable ASCII); the ``kernel``/``ramdisk`` items are only files it created itself (O_EXCL,
 no symlink followed) inside ``--output-directory``, checked again just before the result is
 written; DHCP replies count only from the pinned or first-answering server and TFTP packets
-only from the next-server's address and the transfer's port (see ``dhcp`` and ``tftp``); and
+only from the next-server's address and the transfer's port, HTTP only from a URL naming that
+address, with no redirect followed (see ``dhcp``, ``tftp`` and ``http``); and
 every download is bounded in size, speed and time. Any breach exits 1 with one line on stderr
 and removes what it wrote: no kernel, no ramdisk, no result.
 
@@ -47,6 +49,7 @@ from typing import BinaryIO, NoReturn
 
 from pxeserver import pxelinux
 from pxeserver.mac import InvalidMac, MacAddress
+from pxeserver.pypxeboot import http
 from pxeserver.pypxeboot.dhcp import DhcpFailed, Lease, obtain_lease
 from pxeserver.pypxeboot.tftp import Bounds, ServerRefused, TransferFailed, download
 
@@ -179,7 +182,8 @@ class Outputs:
 
 
 class Fetcher:
-    """TFTP downloads from one server, relative to the boot file's directory (pxelinux's prefix)."""
+    """Downloads from one server: TFTP relative to the boot file's directory (pxelinux's
+    prefix), or HTTP for a kernel or initrd named by a URL on that same server."""
 
     def __init__(self, server: str, port: int, prefix: str, bounds: Bounds, request: Request) -> None:
         self.server, self.port, self.prefix = server, port, prefix
@@ -198,19 +202,24 @@ class Fetcher:
         return buffer.getvalue().decode("utf-8", "replace")
 
     def to_file(self, name: str, outputs: Outputs, kind: str) -> str:
-        path = self.path(name)
+        """Download a kernel or initrd: an ``http://`` URL (as lpxelinux reads them) over HTTP
+        from this same server, any other name over TFTP."""
+        url = name if http.is_url(name) else f"tftp://{self.server}/{self.path(name)}"
         left = self.bounds.max_total - self.bounds.written
         if self.bounds.max_file <= left:
             limit, too_big = self.bounds.max_file, (
-                f"tftp://{self.server}/{path}: larger than the {self.request.max_file_mb} MiB cap "
-                "on one file (max_file_mb=)")
+                f"{url}: larger than the {self.request.max_file_mb} MiB cap on one file (max_file_mb=)")
         else:
             limit, too_big = left, (
-                f"tftp://{self.server}/{path}: the kernel and ramdisk together pass the "
-                f"{self.request.max_total_mb} MiB cap (max_total_mb=)")
+                f"{url}: the kernel and ramdisk together pass the {self.request.max_total_mb} MiB cap "
+                "(max_total_mb=)")
         target, file = outputs.create(kind)
         with file:
-            self.bounds.written += download(self.server, self.port, path, file, limit, too_big, self.bounds)
+            if http.is_url(name):
+                size = http.download(name, self.server, file, limit, too_big, self.bounds)
+            else:
+                size = download(self.server, self.port, self.path(name), file, limit, too_big, self.bounds)
+            self.bounds.written += size
         return target
 
 
@@ -293,6 +302,9 @@ def boot(request: Request, options: argparse.Namespace, outputs: Outputs, bounds
     if entry is None:
         raise BootFailed(f"{config} names nothing to boot")
     check_entry(entry, config)
+    for path in (entry.kernel, entry.initrd):
+        if http.is_url(path):
+            http.split_url(path, lease.next_server)  # another host: refused before any download
     said = f"pypxeboot: {request.mac} boots {entry.label!r} from {config}"
     if entry.localboot:
         print(said, file=sys.stderr)
