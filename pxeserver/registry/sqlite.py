@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +28,7 @@ from pxeserver.registry.models import (
     ValidationError,
     XenSettings,
 )
-from pxeserver.registry.store import Lease, Tally
+from pxeserver.registry.store import Change, Lease, Tally
 
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
 MIGRATIONS: list[str] = [
@@ -183,6 +183,9 @@ class SqliteStore:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+    def watch(self, on_change: Callable[[Change], None]) -> None:
+        """One node: the CLI beside it writes the boot config files of its own changes."""
 
     def generation(self) -> int:
         row = self._connection().execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()

@@ -7,7 +7,7 @@ transaction; a method that returns has made its change durable.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +22,19 @@ class Lease:
     mac: MacAddress
     ip: str
     expires: float
+
+
+class Unavailable(Exception):
+    """The registry database cannot be reached: a change was not made (the API answers 503)."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """What another node changed: ``kind`` host (key: the MAC), profile (key: its name), lease
+    (key: the MAC), or all (key empty: changes were missed while the database was away)."""
+
+    kind: str
+    key: str
 
 
 @dataclass(frozen=True)
@@ -92,5 +105,10 @@ class Store(Protocol):
 
     # Counts only (two light queries), read at every metrics scrape.
     def tally(self, now: float) -> Tally: ...
+
+    def watch(self, on_change: Callable[[Change], None]) -> None:
+        """Call ``on_change`` for each change another node makes, as it commits (from another
+        thread); a store only this process writes never calls it."""
+        ...
 
     def close(self) -> None: ...
