@@ -74,22 +74,26 @@ def database(store_kind: str, request: pytest.FixtureRequest) -> str:
     return ""
 
 
-@pytest.fixture
-def config(tmp_path: Path, database: str) -> Config:
-    """Defaults pointed at a temporary data dir and TFTP root, services on loopback port 0."""
-    cfg = Config(base_dir=tmp_path)
+def make_config(root: Path, database: str = "") -> Config:
+    """Defaults pointed at a data dir and TFTP root under ``root``, services on loopback port 0."""
+    cfg = Config(base_dir=root)
     cfg.server.address = "127.0.0.1"
-    cfg.server.data_dir = str(tmp_path / "var")
+    cfg.server.data_dir = str(root / "var")
     cfg.server.database = database
-    cfg.server.tftp_root = str(tmp_path / "tftproot")
+    cfg.server.tftp_root = str(root / "tftproot")
     cfg.server.kickstarts = str(REPO / "kickstarts")
     cfg.server.preseeds = str(REPO / "preseeds")
     for section in (cfg.tftp, cfg.http, cfg.dns):
         section.address = "127.0.0.1"
         section.port = 0
-    (tmp_path / "tftproot" / "pxelinux.cfg").mkdir(parents=True)
-    (tmp_path / "tftproot" / "images").mkdir()
+    (root / "tftproot" / "pxelinux.cfg").mkdir(parents=True)
+    (root / "tftproot" / "images").mkdir()
     return cfg
+
+
+@pytest.fixture
+def config(tmp_path: Path, database: str) -> Config:
+    return make_config(tmp_path, database)
 
 
 @pytest.fixture

@@ -128,3 +128,14 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def database_rows(database: str, query: str) -> list[tuple]:
+    """Rows of a plain SQL query on a registry database: a PostgreSQL URL or a SQLite path."""
+    if database.startswith(("postgresql://", "postgres://")):
+        with psycopg.connect(database) as conn:
+            return [tuple(row) for row in conn.execute(query).fetchall()]
+    import sqlite3
+
+    with sqlite3.connect(database) as conn:
+        return conn.execute(query).fetchall()

@@ -176,23 +176,23 @@ def _reason(exc: Exception) -> str:
 
 
 class _Answers:
-    """Read answers tagged with the generation they were read at; the newest ones are kept."""
+    """Read answers tagged with the store version they were read at; the newest ones are kept."""
 
     def __init__(self, limit: int = CACHE_ENTRIES) -> None:
-        self._entries: OrderedDict[tuple[Any, ...], tuple[int, Any]] = OrderedDict()
+        self._entries: OrderedDict[tuple[Any, ...], tuple[tuple[int, int], Any]] = OrderedDict()
         self._lock = threading.Lock()
         self._limit = limit
 
-    def get(self, key: tuple[Any, ...]) -> tuple[int, Any] | None:
+    def get(self, key: tuple[Any, ...]) -> tuple[tuple[int, int], Any] | None:
         with self._lock:
             return self._entries.get(key)
 
-    def put(self, key: tuple[Any, ...], generation: int, value: Any) -> None:
+    def put(self, key: tuple[Any, ...], version: tuple[int, int], value: Any) -> None:
         with self._lock:
             current = self._entries.pop(key, None)
-            if current is not None and current[0] > generation:
-                generation, value = current  # a slower reader must not replace a newer answer
-            self._entries[key] = (generation, value)
+            if current is not None and current[0] > version:
+                version, value = current  # a slower reader must not replace a newer answer
+            self._entries[key] = (version, value)
             while len(self._entries) > self._limit:
                 self._entries.popitem(last=False)
 
@@ -209,10 +209,12 @@ class PostgresStore:
                 raise Unavailable(f"cannot reach the registry database: {_reason(exc)}") from None
         self.node = uuid.uuid4().hex[:12]  # tells this node's notifications from the others'
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=CONNECT_TIMEOUT,
+                                    check=ConnectionPool.check_connection,  # none the outage broke
                                     kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
                                     name="pxeserver-registry", open=True)
         self._answers = _Answers()
-        self._generation = 0
+        self._generation = 0  # the database's, as this node last heard it
+        self._epoch = 0  # how often this node answered from before: caches built then are stale
         self._generation_lock = threading.Lock()
         self._live = threading.Event()  # the listener is connected: the generation is current
         self._watchers: list[Callable[[Change], None]] = []
@@ -261,19 +263,27 @@ class PostgresStore:
               *, reuse: bool = True) -> T:
         """``query``'s answer, from the cache while nothing has changed (``reuse``), else from
         the database; the last known answer when the database cannot be reached."""
-        generation = self._generation
+        version = self._version()
         cached = self._answers.get(key)
         live = self._live.is_set()
-        if cached is not None and (not live or (reuse and cached[0] == generation)):
+        if cached is not None and (not live or (reuse and cached[0] == version)):
             return cached[1]  # type: ignore[no-any-return]
-        try:
-            with self._connection() as conn:
-                value = query(conn)
-        except Unavailable:
-            if cached is not None:
+        for attempt in (1, 2):  # a second try on a fresh connection: the outage broke pooled ones
+            try:
+                with self._connection() as conn:
+                    value = query(conn)
+                break
+            except Unavailable:
+                if attempt == 1 and self._live.is_set():
+                    continue
+                if cached is None:
+                    raise
+                # Answered from before: whoever caches this answer must not keep it past
+                # the outage, so the generation moves on.
+                with self._generation_lock:
+                    self._epoch += 1
                 return cached[1]  # type: ignore[no-any-return]
-            raise
-        self._answers.put(key, generation, value)
+        self._answers.put(key, version, value)
         return value
 
     def _listen(self) -> None:
@@ -289,6 +299,8 @@ class PostgresStore:
                     self._saw(int(row[0]) if row else 0)
                     if down:
                         self._pool.check()  # drop the connections the outage broke
+                        with self._generation_lock:
+                            self._epoch += 1  # rebuild what was built from the last known state
                         log.warning("registry database is reachable again")
                     self._live.set()
                     if missed:  # other nodes changed things meanwhile
@@ -337,7 +349,13 @@ class PostgresStore:
         self._pool.close()
 
     def generation(self) -> int:
-        return self._generation
+        """The database's generation as this node last heard it, plus one for every answer it
+        gave from its last known state (so caches built from those are rebuilt)."""
+        return self._generation + self._epoch
+
+    def _version(self) -> tuple[int, int]:
+        """What a cached answer is tagged with: valid while both are unchanged."""
+        return self._generation, self._epoch
 
     def healthy(self) -> bool:
         """Whether this node is connected to the database right now."""
@@ -382,11 +400,11 @@ class PostgresStore:
         return None if row is None else _profile(row)
 
     def list_profiles(self) -> list[Profile]:
-        generation = self._generation
+        version = self._version()
         profiles = self._read(("profiles",), lambda conn: [
             _profile(row) for row in conn.execute("SELECT * FROM profiles ORDER BY name")])
         for profile in profiles:
-            self._answers.put(("profile", profile.name), generation, profile)
+            self._answers.put(("profile", profile.name), version, profile)
         return list(profiles)
 
     def delete_profile(self, name: str) -> None:
@@ -465,13 +483,13 @@ class PostgresStore:
         return self._read(("host-ip", ip), lambda conn: self._one_host(conn, "ip", ip))
 
     def list_hosts(self) -> list[Host]:
-        generation = self._generation
+        version = self._version()
         hosts = self._read(("hosts",), lambda conn: [
             _host(row) for row in conn.execute("SELECT * FROM hosts ORDER BY mac")])
         for host in hosts:
-            self._answers.put(("host", str(host.mac)), generation, host)
+            self._answers.put(("host", str(host.mac)), version, host)
             if host.ip:
-                self._answers.put(("host-ip", host.ip), generation, host)
+                self._answers.put(("host-ip", host.ip), version, host)
         return list(hosts)
 
     def delete_host(self, mac: MacAddress) -> None:
@@ -562,13 +580,13 @@ class PostgresStore:
                 changes.append(Change("lease", str(mac)))
 
     def list_leases(self) -> list[Lease]:
-        generation = self._generation
+        version = self._version()
         leases = self._read(("leases",), lambda conn: [
             Lease(MacAddress.parse(r["mac"]), r["ip"], r["expires"])
             for r in conn.execute("SELECT * FROM leases ORDER BY ip")])
         for lease in leases:
-            self._answers.put(("lease", str(lease.mac)), generation, lease)
-            self._answers.put(("lease-ip", lease.ip), generation, lease)
+            self._answers.put(("lease", str(lease.mac)), version, lease)
+            self._answers.put(("lease-ip", lease.ip), version, lease)
         return list(leases)
 
     def host_addresses(self, now: float) -> list[tuple[str, str, float | None]]:
