@@ -41,9 +41,9 @@ PROFILE = {"name": "deb", "kernel": "images/deb/linux", "initrd": "images/deb/in
            "append": "console=hvc0"}
 
 
-def node(root: Path, url: str) -> app.Context:
+def node(root: Path, url: str, address: str = "10.0.0.1") -> app.Context:
     cfg = make_config(root, url)
-    cfg.server.address = "10.0.0.1"  # the address DHCP hands out as next-server
+    cfg.server.address = address  # the DHCP server identifier and next-server
     cfg.http.address = cfg.tftp.address = cfg.dns.address = "127.0.0.1"
     cfg.dns.domain = DOMAIN
     cfg.dhcp.pool_start, cfg.dhcp.pool_end = "10.0.0.100", "10.0.0.150"
@@ -241,3 +241,80 @@ def test_bulk_registration_through_a_kill_9_loses_nothing_acknowledged(
     assert refused, "the kill did not interrupt the registration"
     assert set(acknowledged) <= stored, sorted(set(acknowledged) - stored)[:5]
     assert stored <= set(acknowledged) | set(refused)
+
+
+def dhcp(responder: Responder, lock: threading.Lock, kind: str, mac: str, *options: tuple[str, object],
+         ciaddr: str = "0.0.0.0") -> tuple[str, str] | None:
+    """(message type, yiaddr) of the node's reply to one packet, or None if it stays silent.
+    ``lock``: the node's DHCP service answers one packet at a time."""
+    request = bytes(BOOTP(op=1, xid=9, ciaddr=ciaddr, chaddr=MacAddress.parse(mac).packed + bytes(10))
+                    / DHCP(options=[("message-type", kind), *options, "end"]))
+    with lock:
+        reply = responder.respond(request, ("0.0.0.0", 68), 67)
+    if reply is None:
+        return None
+    parsed = BOOTP(reply.payload)
+    kinds = {2: "offer", 5: "ack", 6: "nak"}
+    message = next(o[1] for o in parsed[DHCP].options if isinstance(o, tuple) and o[0] == "message-type")
+    return kinds[message], parsed.yiaddr
+
+
+def test_two_dhcp_nodes_never_lease_one_address_to_two_macs(tmp_path: Path, pg_cluster: Cluster) -> None:
+    """Twenty clients race for a pool of twenty through two nodes at once, each DISCOVER to
+    both; then each rebinds through the node it did not use (its server is gone)."""
+    url = pg_cluster.new_database()
+    a, b = node(tmp_path / "a", url, "10.0.0.1"), node(tmp_path / "b", url, "10.0.0.2")
+    try:
+        a.provisioning.add_profile(PROFILE)
+        macs = [f"00:16:3e:00:0b:{i:02x}" for i in range(20)]
+        for i, mac in enumerate(macs):
+            a.provisioning.add_host({"mac": mac, "hostname": f"c{i}", "profile": "deb"})
+        for context in (a, b):
+            context.config.dhcp.pool_start, context.config.dhcp.pool_end = "10.0.0.100", "10.0.0.119"
+        servers = {"10.0.0.1": (Responder(a), threading.Lock()), "10.0.0.2": (Responder(b), threading.Lock())}
+        acked: dict[str, tuple[str, str]] = {}  # mac -> (ip, server)
+        naks = 0
+        lock = threading.Lock()
+
+        def client(index: int) -> None:
+            nonlocal naks
+            mac = macs[index]
+            for attempt in range(20):
+                order = list(servers) if (index + attempt) % 2 else list(reversed(servers))
+                offers = [(server, dhcp(*servers[server], "discover", mac)) for server in order]
+                chosen = next(((server, reply[1]) for server, reply in offers if reply), None)
+                if chosen is None:
+                    time.sleep(0.05)
+                    continue
+                server, ip = chosen
+                replies = {other: dhcp(*servers[other], "request", mac, ("server_id", server),
+                                       ("requested_addr", ip)) for other in order}
+                assert all(replies[other] is None for other in servers if other != server)
+                if replies[server] == ("ack", ip):
+                    with lock:
+                        acked[mac] = (ip, server)
+                    return
+                with lock:
+                    naks += 1
+            raise AssertionError(f"{mac} got no address in 20 rounds")
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(macs))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        ips = [ip for ip, _ in acked.values()]
+        print(f"two DHCP nodes: {len(acked)} clients bound, {naks} NAKs from lost races, "
+              f"{sum(1 for _, s in acked.values() if s == '10.0.0.1')} through node A")
+        assert len(acked) == len(macs)
+        assert len(set(ips)) == len(ips), "an address was acknowledged to two MACs"
+        stored = {row[0]: row[1] for row in database_rows(url, "SELECT mac, ip FROM leases")}
+        assert stored == {mac: ip for mac, (ip, _) in acked.items()}
+        # Its server is gone: each client rebinds (broadcast REQUEST with ciaddr, no server id)
+        # and renews through the other node, which acknowledges the same address.
+        for mac, (ip, server) in acked.items():
+            other = next(s for s in servers if s != server)
+            assert dhcp(*servers[other], "request", mac, ciaddr=ip) == ("ack", ip)
+    finally:
+        a.close()
+        b.close()
