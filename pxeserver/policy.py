@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from pxeserver.config import Config
 from pxeserver.mac import InvalidMac, MacAddress
-from pxeserver.registry import Host, NotFound, Profile, Status, Store
+from pxeserver.registry import Host, NotFound, Profile, Status, Store, Unavailable
 from pxeserver.registry.store import Tally
 from pxeserver.timeline import Timeline
 
@@ -288,7 +288,12 @@ class BootPolicy:
         if host is None or not host.netboot or host.status not in _LIFECYCLE:
             return
         earlier = _LIFECYCLE[: _LIFECYCLE.index(status)]
-        if host.status in earlier and self.store.advance_status(mac, status, earlier):
+        try:
+            advanced = host.status in earlier and self.store.advance_status(mac, status, earlier)
+        except Unavailable as exc:  # the shared database is away: the boot goes on regardless
+            log.warning("%s not recorded as %s: %s", mac, status.value, exc)
+            return
+        if advanced:
             self.record(mac, "policy", status_change(host.status, status), step=status)
 
 

@@ -43,7 +43,8 @@ def _free_port() -> int:
 class Cluster:
     """One PostgreSQL server in a temporary directory; ``url(name)`` makes databases in it."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        """``durable``: fsync on, as in production (the benchmark); off for the tests."""
         bin_dir = _bin_dir()
         if bin_dir is None:
             raise RuntimeError("PostgreSQL is not installed (Debian package postgresql)")
@@ -64,7 +65,7 @@ class Cluster:
                        f"unix_socket_directories = '{self.root}'\nmax_connections = 200\n"
                        # kill -9 of the server loses nothing either way (the WAL is in the page
                        # cache); only a machine crash would, and tests do not crash the machine.
-                       "fsync = off\nlog_min_messages = warning\n")
+                       f"fsync = {'on' if durable else 'off'}\nlog_min_messages = warning\n")
         self._databases = 0
         self.start()
 
