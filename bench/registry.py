@@ -120,13 +120,13 @@ def run(kind: str, database: str, base: Path, hosts: int, timed: int, lookups: i
         context.provisioning.update_host(mac, {"netboot": netboot})
         changes.append(time.perf_counter() - t0)
         wanted = "localboot" if not netboot else "kernel "
-        visible.append(_until(lambda: other.store.get_host(mac).netboot is netboot) + changes[-1])
+        visible.append(_until(lambda: other.store.get_host(mac).netboot is netboot))
         if kind == "postgresql":
             files.append(_until(lambda: path.exists() and wanted in path.read_text()
-                                and path.read_text() != before) + changes[-1])
-    results["one host change"] = _spread(changes)
-    results["change on A, answered by B"] = _spread(visible)
-    results["change on A, B's pxelinux file"] = _spread(files) if files else "never (no notifications)"
+                                and path.read_text() != before))
+    results["one host change on A"] = _spread(changes)
+    results["then answered by B after"] = _spread(visible)
+    results["then B's pxelinux file after"] = _spread(files) if files else "never (no notifications)"
     other.close()
     context.close()
     return results

@@ -9,7 +9,9 @@ import psycopg
 import pytest
 
 from pxeserver.mac import InvalidMac, MacAddress
-from pxeserver.registry import Conflict, Host, NotFound, Profile, SqliteStore, Store, ValidationError, open_store
+from pxeserver.registry import (
+    Conflict, Host, Lease, NotFound, Profile, SqliteStore, Store, ValidationError, open_store,
+)
 from pxeserver.registry import postgres
 from pxeserver.registry.sqlite import MIGRATIONS
 
@@ -180,3 +182,18 @@ def test_profile_field_validation(field: str, value: object, message: str) -> No
     data = {"name": "deb", "kernel": "images/deb/linux", "initrd": "images/deb/initrd.gz", field: value}
     with pytest.raises(ValidationError, match=message):
         Profile.from_input(data)
+
+
+def test_a_pool_address_goes_to_a_second_mac_only_once_its_lease_ran_out(store: Store) -> None:
+    """The store decides in one transaction, so two DHCP servers sharing it cannot both give
+    an address away: a live lease is never taken over, an expired one only when asked to."""
+    first, second = MacAddress.parse("00:16:3e:00:00:01"), MacAddress.parse("00:16:3e:00:00:02")
+    store.put_lease(Lease(first, "10.0.0.100", 1000.0))
+    with pytest.raises(Conflict, match="leased to another MAC"):
+        store.put_lease(Lease(second, "10.0.0.100", 5000.0))
+    with pytest.raises(Conflict):  # first's lease runs until 1000
+        store.put_lease(Lease(second, "10.0.0.100", 5000.0), expired_before=999.0)
+    store.put_lease(Lease(second, "10.0.0.100", 5000.0), expired_before=1001.0)
+    assert store.find_lease_by_ip("10.0.0.100") == Lease(second, "10.0.0.100", 5000.0)
+    assert store.find_lease(first) is None
+    assert store.list_leases() == [Lease(second, "10.0.0.100", 5000.0)]

@@ -563,9 +563,12 @@ class PostgresStore:
         row = conn.execute(query, (value,)).fetchone()
         return None if row is None else Lease(MacAddress.parse(row["mac"]), row["ip"], row["expires"])
 
-    def put_lease(self, lease: Lease) -> None:
+    def put_lease(self, lease: Lease, expired_before: float | None = None) -> None:
         try:
             with self._write() as (conn, changes):
+                if expired_before is not None:
+                    conn.execute("DELETE FROM leases WHERE ip = %s AND mac <> %s AND expires < %s",
+                                 (lease.ip, str(lease.mac), expired_before))
                 conn.execute(
                     "INSERT INTO leases (mac, ip, expires) VALUES (%s, %s, %s) ON CONFLICT (mac) "
                     "DO UPDATE SET ip = excluded.ip, expires = excluded.expires",

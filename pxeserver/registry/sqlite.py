@@ -367,9 +367,12 @@ class SqliteStore:
         row = self._connection().execute("SELECT * FROM leases WHERE ip = ?", (ip,)).fetchone()
         return None if row is None else Lease(MacAddress.parse(row["mac"]), ip, row["expires"])
 
-    def put_lease(self, lease: Lease) -> None:
+    def put_lease(self, lease: Lease, expired_before: float | None = None) -> None:
         try:
             with self._write() as conn:
+                if expired_before is not None:
+                    conn.execute("DELETE FROM leases WHERE ip = ? AND mac != ? AND expires < ?",
+                                 (lease.ip, str(lease.mac), expired_before))
                 conn.execute(
                     "INSERT INTO leases (mac, ip, expires) VALUES (?, ?, ?) ON CONFLICT(mac) "
                     "DO UPDATE SET ip = excluded.ip, expires = excluded.expires",
