@@ -274,7 +274,8 @@ def _database(config: Config) -> None:
             try:
                 conninfo_to_dict(value)
             except Exception as exc:  # psycopg.ProgrammingError: libpq's own message
-                _fail("server", "database", f"is not a valid PostgreSQL URL: {exc}")
+                reason = str(exc).strip().splitlines()[0]
+                _fail("server", "database", f"is not a valid PostgreSQL URL: {reason}")
             return
         _fail("server", "database", "must be empty, a SQLite file path or a postgresql:// URL, "
                                     f"not a {scheme}:// URL")

@@ -316,7 +316,7 @@ class PostgresStore:
                 self._live.clear()
                 down = True
                 self._closing.wait(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, 1.0)
 
     def _notified(self, payload: str) -> None:
         generation, node, kind, key = (payload.split(" ", 3) + ["", "", ""])[:4]
