@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from dhcp_support import CLIENT_IF, SERVER_IF, SERVER_IP, inside, veth_link  # noqa: E402
 
 from pxeserver import app, config as configuration  # noqa: E402
-from pxeserver.dhcp import DhcpService, codec  # noqa: E402
+from pxeserver.dhcp import codec  # noqa: E402
+from pxeserver.dhcp.server import DhcpService  # noqa: E402
 from pxeserver.dhcp.codec import MessageType, Option, Packet  # noqa: E402
 from pxeserver.mac import XEN_OUI, MacAddress  # noqa: E402
 

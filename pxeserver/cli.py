@@ -1,4 +1,5 @@
-"""The ``pxeserver`` command line (click): serve, profile, host and domu-config.
+"""The ``pxeserver`` command line (click): serve, profile, host, domu-config, build-pypxeboot
+and lab.
 
 Every change goes through :class:`~pxeserver.provisioning.Provisioning`, the same code the API
 uses, so the CLI accepts and refuses exactly what the API does. Bad input exits with status 1
@@ -16,14 +17,16 @@ from typing import Any
 
 import click
 
-from pxeserver import app, config as config_module, domu
+from pxeserver import app, bootfiles, config as config_module, domu
+from pxeserver.imports import IMPORT_ERRORS, progress as import_progress, run_import
+from pxeserver.imports.layouts import ARCHES
 from pxeserver.mac import InvalidMac, MacAddress
 from pxeserver.provisioning import InvalidToken
 from pxeserver.registry import Conflict, NotFound, Unavailable, ValidationError, is_postgresql
 from pxeserver.registry.models import XenSettings
 
 USER_ERRORS = (ValidationError, InvalidMac, NotFound, Conflict, InvalidToken, Unavailable,
-               config_module.ConfigError)
+               config_module.ConfigError, *IMPORT_ERRORS)
 
 
 def _fail(message: str) -> None:
@@ -142,6 +145,8 @@ def profile_add(ctx: click.Context, name: str, kernel: str, initrd: str, append:
             "autoinstall": autoinstall, "vars": _parse_vars(variables),
         })
         click.echo(f"added profile {added.name}")
+        for warning in bootfiles.missing_files(context.config.tftp_root, added):
+            click.echo(f"pxeserver: warning: {warning}", err=True)
 
 
 @profile.command("list")
@@ -157,9 +162,12 @@ def profile_list(ctx: click.Context) -> None:
 @click.argument("name")
 @click.pass_context
 def profile_show(ctx: click.Context, name: str) -> None:
-    """Show one profile as JSON."""
+    """Show one profile as JSON, with each file's size and whether it still matches the
+    SHA-256 its import recorded."""
     with _context(ctx) as context:
-        _print_json(context.store.get_profile(name).to_dict(context.config.api.secret_vars))
+        found = context.store.get_profile(name)
+        _print_json({**found.to_dict(context.config.api.secret_vars),
+                     "files": bootfiles.profile_files(context.config.tftp_root, found, context.store)})
 
 
 @profile.command("rm")
@@ -170,6 +178,30 @@ def profile_rm(ctx: click.Context, name: str) -> None:
     with _context(ctx) as context:
         context.provisioning.delete_profile(name)
         click.echo(f"removed profile {name}")
+
+
+@cli.command("import")
+@click.argument("name")
+@click.argument("source")
+@click.option("--arch", type=click.Choice(ARCHES), default="x86_64", show_default=True)
+@click.option("--autoinstall", default="", help="Template instead of the one the layout implies.")
+@click.pass_context
+def import_command(ctx: click.Context, name: str, source: str, arch: str, autoinstall: str) -> None:
+    """Copy an installer's kernel and initrd from SOURCE into images/NAME/ and add profile NAME.
+
+    SOURCE is a directory (a mounted DVD, a mirror tree), an ISO image, a netboot tarball or an
+    http:// URL of a tree. Checksums the source offers are verified; Ctrl-C leaves nothing
+    half-written; importing the same files again changes nothing.
+    """
+    with _context(ctx) as context:
+        try:
+            result = run_import(context, name, source, import_progress.for_terminal(sys.stderr),
+                                arch=arch, autoinstall=autoinstall)
+        except KeyboardInterrupt:
+            click.echo(f"pxeserver: import of {name} interrupted: nothing was published", err=True)
+            sys.exit(130)
+        click.echo(f"{'added' if result.profile_added else 'unchanged'} profile {result.profile.name}: "
+                   f"{result.profile.kernel} {result.profile.initrd}")
 
 
 # -- hosts ----------------------------------------------------------------------------------
@@ -264,12 +296,43 @@ def domu_config(ctx: click.Context, mac: str, output: str | None, **overrides: A
         found = context.store.get_host(MacAddress.parse(mac))
         xen = XenSettings.from_input({k: v for k, v in overrides.items() if v is not None}, found.xen)
         context.provisioning.check_xen(xen)
-        text = domu.render(found, xen)
+        config = context.config
+        pinned = config.advertised_address if config.dhcp.enabled and config.dhcp.mode == "full" else ""
+        text = domu.render(found, xen, bootloader=config.xen.bootloader, dhcp_server=pinned)
         if output:
             Path(output).write_text(text)
             click.echo(f"wrote {output}")
         else:
             click.echo(text, nl=False)
+
+
+@cli.command("build-pypxeboot")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The file to write, e.g. /usr/local/bin/pypxeboot on a dom0.")
+def build_pypxeboot(output: Path) -> None:
+    """Write pypxeboot as one executable file that needs only the dom0's python3."""
+    from pxeserver.dom0 import INTERPRETER, build_pypxeboot as build
+
+    try:
+        size = build(output)
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror}")
+    click.echo(f"wrote {output} ({size} bytes): copy it to each dom0, it runs with {INTERPRETER}")
+
+
+@cli.command()
+@click.option("--uefi", is_flag=True, help="OVMF (UEFI) instead of SeaBIOS.")
+@click.option("--firmware-pxe", is_flag=True, help="With --uefi: the firmware's own PXE, no iPXE ROM.")
+@click.option("--pxelinux", is_flag=True, help="Steer iPXE to pxelinux over TFTP ([boot] ipxe_chain).")
+@click.option("--memory", type=int, default=1024, show_default=True, help="Guest memory in MB.")
+@click.option("--until", type=click.Choice(["netbooting", "installing"]),
+              help="Stop (exit 0) once the host reaches this status; else run until Ctrl-C.")
+@click.option("--timeout", type=float, default=3600, show_default=True, help="Seconds before giving up.")
+def lab(**options: Any) -> None:
+    """Boot a QEMU guest from the network against a throwaway server (root; tears down on exit)."""
+    from pxeserver import lab as lab_module
+
+    sys.exit(lab_module.run(**options))
 
 
 # -- the registry database ------------------------------------------------------------------

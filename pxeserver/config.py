@@ -49,6 +49,9 @@ class BootSection:
     default_profile: str = ""
     efi_loader: str = "syslinux.efi"  # boot file for x64 UEFI firmware
     bios_loader: str = "pxelinux.0"
+    # What iPXE clients are handed: "script" (/ipxe/<mac> over HTTP) or "pxelinux" (the
+    # firmware's loader above over TFTP, for admins who want pxelinux menus).
+    ipxe_chain: str = "script"
 
 
 @dataclass
@@ -78,6 +81,14 @@ class HttpSection:
     # the host's registered IP or current DHCP lease: CIDR networks, e.g. a NAT gateway's
     # address. Anyone inside them can read every host's install secrets ("0.0.0.0/0": anyone).
     autoinstall_trusted_networks: list[str] = field(default_factory=list)
+    # Slow and idle clients (web/server.py): seconds a client has to send a request's headers
+    # (counted from connect, or from its first byte after a keep-alive wait), its body (from
+    # the end of the headers), and to start its next request on a kept-alive connection.
+    header_timeout: int = 10
+    body_timeout: int = 30
+    idle_timeout: int = 15
+    max_connections: int = 1000  # open connections from all clients together
+    max_connections_per_address: int = 32  # open connections from one client address
 
 
 @dataclass
@@ -121,6 +132,9 @@ class XenSection:
     # The only places an xen.disk target may lie under: an API client must not be able to hand
     # a guest dom0's own disk (an operator who needs more writes the xl config by hand).
     disk_roots: list[str] = field(default_factory=lambda: ["/var/lib/xen/images/", "/dev/vg_domu/"])
+    # xl runs a bare bootloader name only from its own directory (/usr/lib/xen-4.17/bin on
+    # Debian): domu-config writes this absolute path, where `build-pypxeboot -o` puts it.
+    bootloader: str = "/usr/local/bin/pypxeboot"
 
 
 @dataclass
@@ -129,6 +143,17 @@ class MetricsSection:
     path: str = "/metrics"
     # Who may scrape: the HTTP port also faces the guests, so only this machine by default.
     allow: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+
+@dataclass
+class ImportsSection:
+    max_file_mb: int = 4096  # a kernel or initrd larger than this is refused (a runaway download)
+    # Directories whose trees and images POST /api/imports may read; empty: the API imports only
+    # from http(s):// URLs (the CLI reads any path its user can).
+    api_local_roots: list[str] = field(default_factory=list)
+    # Keys a Debian or Ubuntu suite's Release must be signed with (checked with gpgv).
+    debian_keyrings: list[str] = field(default_factory=lambda: [
+        "/usr/share/keyrings/debian-archive-keyring.gpg", "/usr/share/keyrings/ubuntu-archive-keyring.gpg"])
 
 
 @dataclass
@@ -142,6 +167,7 @@ class Config:
     api: ApiSection = field(default_factory=ApiSection)
     xen: XenSection = field(default_factory=XenSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    imports: ImportsSection = field(default_factory=ImportsSection)
     base_dir: Path = field(default_factory=Path.cwd)
     source: str = "built-in defaults"
 
@@ -306,6 +332,8 @@ def validate(config: Config) -> None:
             validate_profile_name(config.boot.default_profile)
     except ValidationError as exc:
         _fail("boot", "default_profile", f"must be a profile name: {exc}")
+    if config.boot.ipxe_chain not in ("script", "pxelinux"):
+        _fail("boot", "ipxe_chain", f"must be 'script' or 'pxelinux', not {config.boot.ipxe_chain!r}")
     for key in ("efi_loader", "bios_loader"):
         try:
             validate_boot_path(key, getattr(config.boot, key))
@@ -331,6 +359,10 @@ def validate(config: Config) -> None:
         _fail("tftp", "session_deadline", f"must be at least timeout and max_timeout "
                                           f"({longest_wait}), not {config.tftp.session_deadline}")
     _range(config, "http", "threads", 1, 1024)
+    for key, low, high in (("header_timeout", 1, 3600), ("body_timeout", 1, 3600),
+                           ("idle_timeout", 1, 3600), ("max_connections", 1, 1_000_000),
+                           ("max_connections_per_address", 1, config.http.max_connections)):
+        _range(config, "http", key, low, high)
 
     dhcp = config.dhcp
     if dhcp.mode not in ("full", "proxy"):
@@ -350,6 +382,8 @@ def validate(config: Config) -> None:
     for root in config.xen.disk_roots:
         if not isinstance(root, str) or not root.startswith("/") or ".." in root.split("/"):
             _fail("xen", "disk_roots", f"must be absolute paths without '..', not {root!r}")
+    if not re.fullmatch(r"/[A-Za-z0-9._+/-]+", config.xen.bootloader):
+        _fail("xen", "bootloader", f"must be an absolute path of plain characters, not {config.xen.bootloader!r}")
     for name in config.api.secret_vars:
         if not isinstance(name, str):
             _fail("api", "secret_vars", f"must be variable names, not {name!r}")
@@ -393,6 +427,14 @@ def validate(config: Config) -> None:
         except ValueError:
             _fail("dns", "upstream", f"must be an IPv4 address[:port], not {config.dns.upstream!r}")
 
+    _range(config, "imports", "max_file_mb", 1, 1 << 20)
+    for root in config.imports.api_local_roots:
+        if not isinstance(root, str) or not root.startswith("/"):
+            _fail("imports", "api_local_roots", f"must be absolute directory paths, not {root!r}")
+    for keyring in config.imports.debian_keyrings:
+        if not isinstance(keyring, str) or not keyring.startswith("/"):
+            _fail("imports", "debian_keyrings", f"must be absolute file paths, not {keyring!r}")
+
     if not _TOKEN.match(config.api.token):
         _fail("api", "token", "must be printable ASCII without spaces")
     _validate_metrics(config.metrics)
@@ -425,7 +467,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: {exc}") from None
         for key, values in data.items():
-            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api", "xen", "metrics"):
+            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api", "xen", "metrics", "imports"):
                 raise ConfigError(f"{file}: unknown section [{key}]")
             _apply(getattr(config, key), values, f"{file}: [{key}]")
         config.base_dir = file.resolve().parent

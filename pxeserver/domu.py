@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import re
 
+from pxeserver.config import XenSection
 from pxeserver.registry import Host, XenSettings
 
 _NAME_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
-def render(host: Host, xen: XenSettings | None = None) -> str:
+def render(host: Host, xen: XenSettings | None = None, *, bootloader: str = XenSection.bootloader,
+           dhcp_server: str = "") -> str:
     """An xl config: PV guest, pypxeboot as bootloader, one vif with the host's MAC.
 
+    ``bootloader`` is an absolute path: xl looks for a bare name only in its own directory.
     ``bootloader_args`` is a list (xl deprecates the string form); pypxeboot finds the MAC
-    there, and the bridge to send its DHCP on (dom0's default route may lead elsewhere).
+    there, the bridge to send its DHCP on (dom0's default route may lead elsewhere) and, when
+    pxeserver is the DHCP server, ``dhcp_server=`` so that a guest answering first is ignored.
     on_reboot restarts the guest, so after the installer's final reboot the bootloader
     runs again and, with netboot now off, hands over to the installed system.
 
@@ -24,6 +28,7 @@ def render(host: Host, xen: XenSettings | None = None) -> str:
     xen = XenSettings.from_input({}, xen or host.xen)
     bridge = xen.bridge
     disk_spec = xen.disk_or(f"/var/lib/xen/images/{name}.img").spec
+    words = [f"mac={host.mac}", f"interface={bridge}"] + ([f"dhcp_server={dhcp_server}"] if dhcp_server else [])
     lines = [
         f"# {host.hostname}: boots through pypxeboot from pxeserver",
         f'name = "{name}"',
@@ -32,8 +37,8 @@ def render(host: Host, xen: XenSettings | None = None) -> str:
         f"vcpus = {xen.vcpus}",
         f"vif = ['mac={host.mac},bridge={bridge}']",
         f"disk = ['{disk_spec}']",
-        'bootloader = "pypxeboot"',
-        f'bootloader_args = ["mac={host.mac}", "interface={bridge}"]',
+        f'bootloader = "{bootloader}"',
+        "bootloader_args = [" + ", ".join(f'"{word}"' for word in words) + "]",
         'on_poweroff = "destroy"',
         'on_reboot = "restart"',
         'on_crash = "restart"',

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from pxeserver.bootspec import BootSpec, LocalBoot, NetBoot
 from pxeserver.config import Config
 from pxeserver.mac import InvalidMac, MacAddress
+from pxeserver.pxelinux import hex_ip
 from pxeserver.registry import Host, NotFound, Profile, Status, Store, Unavailable
 from pxeserver.registry.store import Tally
 from pxeserver.timeline import Timeline
@@ -29,24 +31,6 @@ log = logging.getLogger(__name__)
 events_log = logging.getLogger("pxeserver.events")
 
 PXELINUX_DIR = "pxelinux.cfg/"
-
-
-@dataclass(frozen=True)
-class NetBoot:
-    """Boot a kernel and initrd (paths relative to the TFTP root) with this command line."""
-
-    kernel: str
-    initrd: str
-    cmdline: str
-    label: str = "install"
-
-
-@dataclass(frozen=True)
-class LocalBoot:
-    """Boot from the local disk (pypxeboot hands over to pygrub)."""
-
-
-BootSpec = NetBoot | LocalBoot
 
 
 @dataclass(frozen=True)
@@ -296,7 +280,3 @@ class BootPolicy:
         if advanced:
             self.record(mac, "policy", status_change(host.status, status), step=status)
 
-
-def hex_ip(ip: str) -> str:
-    """pxelinux's name for an IPv4 address: eight upper-case hex digits."""
-    return f"{int(ipaddress.IPv4Address(ip)):08X}"

@@ -11,13 +11,14 @@ import hmac
 import ipaddress
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
 from pxeserver.bootconfig import BootConfigWriter
 from pxeserver.mac import MacAddress
 from pxeserver.policy import BootPolicy, SecretRefused, status_change
-from pxeserver.registry import Conflict, Host, NotFound, Profile, Status, Store, ValidationError, XenSettings
+from pxeserver.registry import BootFile, Conflict, Host, NotFound, Profile, Status, Store, ValidationError, XenSettings
 from pxeserver.registry.models import HostChanges, XenDisk, parse_mac
 
 
@@ -33,11 +34,22 @@ class Provisioning:
 
     # -- profiles -------------------------------------------------------------------------
 
-    def add_profile(self, data: Any) -> Profile:
+    def check_profile(self, data: Any) -> Profile:
+        """The profile ``data`` describes, checked but not stored."""
         profile = Profile.from_input(data)
         self._check_template(profile)
+        return profile
+
+    def add_profile(self, data: Any) -> Profile:
+        profile = self.check_profile(data)
         self.store.add_profile(profile)
         return profile
+
+    def add_imported_profile(self, data: Any, files: Iterable[BootFile]) -> tuple[Profile, bool]:
+        """An import's profile and the checksums of the files it published, in one
+        transaction; (profile, False) when the same profile was already there."""
+        profile = self.check_profile(data)
+        return profile, self.store.add_imported_profile(profile, files)
 
     def replace_profile(self, name: str, data: Any) -> Profile:
         profile = Profile.from_input(data, name=name, current=self.store.get_profile(name))

@@ -5,8 +5,8 @@ the name is resolved with every symlink followed and must still lie inside the r
 path; it must be a regular file; and, as with tftp-hpa, it must be world-readable (a server
 running as root would otherwise publish a file its admin made private). The file is opened
 here, with O_NOFOLLOW against a symlink swapped in after the check and O_NONBLOCK so a FIFO
-cannot hang the caller. TFTP serves that descriptor; HTTP hands the checked real path to
-Flask's send_file, which needs a path for Range and ETag.
+cannot hang the caller. TFTP and HTTP both serve that descriptor, never the path again (by
+then it may name something else).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """pxelinux configuration files: boot specs rendered as them, and read back from them.
 
+A low-level module (pypxeboot loads it in dom0): it imports nothing from the server.
+
 The output is the common subset that pxelinux, iPXE's pxelinux support and the original
 pypxeboot all parse: a ``default`` line naming one label, ``kernel``, and ``append`` carrying
 ``initrd=`` with only ``key=value`` words (pypxeboot splits each word once on '=').
@@ -7,9 +9,16 @@ pypxeboot all parse: a ``default`` line naming one label, ``kernel``, and ``appe
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 
-from pxeserver.policy import BootSpec, LocalBoot
+from pxeserver.bootspec import BootSpec, LocalBoot
+
+
+def hex_ip(ip: str) -> str:
+    """pxelinux's name for an IPv4 address: eight upper-case hex digits."""
+    return f"{int(ipaddress.IPv4Address(ip)):08X}"
 
 
 def render(spec: BootSpec, *, comment: str = "") -> str:
@@ -35,6 +44,9 @@ class Entry:
 
 
 _MAX_LINES = 10_000  # a config is a few lines; a huge file is not one
+# Only spaces and tabs separate words: any other control character stays inside the value it
+# is in, so a reader that must refuse them (pypxeboot) sees it instead of a silent space.
+_BLANKS = re.compile(r"[ \t]+")
 
 
 def parse(text: str) -> Entry | None:
@@ -50,11 +62,11 @@ def parse(text: str) -> Entry | None:
     entries: dict[str, dict[str, str]] = {}
     order: list[str] = []
     current: dict[str, str] | None = None
-    for line in text.splitlines()[:_MAX_LINES]:
-        words = line.split(None, 1)
-        if not words or words[0].startswith("#"):
+    for line in text.split("\n", _MAX_LINES)[:_MAX_LINES]:
+        words = _BLANKS.split(line.strip(" \t\r"), 1)
+        if not words[0] or words[0].startswith("#"):
             continue
-        keyword, rest = words[0].lower(), (words[1].strip() if len(words) > 1 else "")
+        keyword, rest = words[0].lower(), (words[1] if len(words) > 1 else "")
         if keyword == "default":
             default = rest
         elif keyword == "ontimeout":
@@ -69,7 +81,7 @@ def parse(text: str) -> Entry | None:
     chosen = next((name for name in (menu_default, default, ontimeout) if name in entries), "")
     if not chosen:
         if default:  # "default vmlinuz args...": a kernel, not a label
-            kernel, _, append = default.partition(" ")
+            kernel, append = (_BLANKS.split(default, 1) + [""])[:2]
             return _entry("default", {"kernel": kernel, "append": append})
         chosen = order[0] if order else ""
     return _entry(chosen, entries[chosen]) if chosen else None
@@ -81,11 +93,12 @@ def _entry(label: str, fields: dict[str, str]) -> Entry | None:
     if not fields.get("kernel"):
         return None
     initrd = fields.get("initrd", "")
-    words = [] if fields.get("append", "") == "-" else fields.get("append", "").split()
+    append = fields.get("append", "")
+    words = [] if append in ("", "-") else _BLANKS.split(append)
     kept = []
     for word in words:
         if word.startswith("initrd="):
             initrd = initrd or word.removeprefix("initrd=").split(",")[0]
         else:
             kept.append(word)
-    return Entry(label, kernel=fields["kernel"].split()[0], initrd=initrd, append=" ".join(kept))
+    return Entry(label, kernel=_BLANKS.split(fields["kernel"])[0], initrd=initrd, append=" ".join(kept))

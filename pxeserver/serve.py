@@ -32,7 +32,7 @@ def _http(context: Context) -> Service:
 
 
 def _dhcp(context: Context) -> Service:
-    from pxeserver.dhcp import DhcpService
+    from pxeserver.dhcp.server import DhcpService
 
     return DhcpService(context)
 

@@ -184,7 +184,7 @@ def test_domu_config_boots_through_pypxeboot(context) -> None:
     host = _add(context, "debian.cfg", xen={"memory": 2048, "vcpus": 2, "disk": "phy:/dev/vg_domu/web1,xvda,w"})
     values: dict[str, object] = {}
     exec(domu.render(host), {}, values)  # xl's config syntax is a subset of Python's
-    assert values["bootloader"] == "pypxeboot"
+    assert values["bootloader"] == "/usr/local/bin/pypxeboot"  # xl finds a bare name only in its own directory
     assert values["bootloader_args"] == [f"mac={MAC}", "interface=xenbr0"]
     assert values["vif"] == [f"mac={MAC},bridge=xenbr0"]
     # xm's deprecated form comes back in xl's keyed form, as parsed and checked.

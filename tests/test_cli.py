@@ -42,9 +42,16 @@ def state(workdir: Path) -> tuple[list[str], list[tuple[str, str]]]:
 def test_profile_and_host_lifecycle(workdir: Path) -> None:
     run(workdir, "profile", "add", "deb", "--kernel", "images/deb/linux", "--initrd",
         "images/deb/initrd.gz", "--append", "console=hvc0", "--autoinstall", "debian-xen.cfg")
-    assert json.loads(run(workdir, "profile", "show", "deb").stdout) == {
+    added = run(workdir, "profile", "add", "late", "--kernel", "images/deb/linux", "--initrd",
+                "images/deb/initrd.gz")
+    assert "warning: kernel images/deb/linux is not served from the TFTP root: file not found" in added.stderr
+    shown = json.loads(run(workdir, "profile", "show", "deb").stdout)
+    files = shown.pop("files")
+    assert shown == {
         "name": "deb", "kernel": "images/deb/linux", "initrd": "images/deb/initrd.gz",
         "append": "console=hvc0", "autoinstall": "debian-xen.cfg", "vars": {}}
+    assert (files["kernel"]["served"], files["kernel"]["problem"], files["kernel"]["matches"]) == (
+        False, "file not found", None)
     mac = run(workdir, "host", "add", "--hostname", "web1", "--profile", "deb").stdout.strip()
     assert mac.startswith("00:16:3e:")
     run(workdir, "host", "add", "--mac", "00-16-3E-AA-BB-CC", "--hostname", "web2", "--profile", "deb", "--ip", "10.0.0.20")
@@ -58,6 +65,7 @@ def test_profile_and_host_lifecycle(workdir: Path) -> None:
     assert "localboot 0" in (workdir / "tftproot" / "pxelinux.cfg" / "01-00-16-3e-aa-bb-cc").read_text()
     run(workdir, "host", "rm", mac)
     run(workdir, "host", "rm", "00:16:3e:aa:bb:cc")
+    run(workdir, "profile", "rm", "late")
     run(workdir, "profile", "rm", "deb")
     assert "deb" not in run(workdir, "profile", "list").stdout
 
@@ -70,7 +78,7 @@ def test_domu_config_written_to_a_file(workdir: Path) -> None:
     values: dict[str, object] = {}
     exec((workdir / "web1.cfg").read_text(), {}, values)
     assert values["vif"] == ["mac=00:16:3e:aa:bb:cc,bridge=br1"]
-    assert values["memory"] == 768 and values["bootloader"] == "pypxeboot"
+    assert values["memory"] == 768 and values["bootloader"] == "/usr/local/bin/pypxeboot"
     assert values["bootloader_args"] == ["mac=00:16:3e:aa:bb:cc", "interface=br1"]
     assert (values["name"], values["type"], values["vcpus"], values["disk"]) == (
         "web1", "pv", 1, ["format=raw,vdev=xvda,access=rw,target=/dev/vg_domu/web1"])
@@ -109,6 +117,26 @@ def test_show_masks_secret_variables(workdir: Path) -> None:
     with sqlite3.connect(workdir / "var" / "registry.db") as conn:
         stored = json.loads(conn.execute("SELECT vars FROM hosts").fetchone()[0])
     assert stored["luks"] == "hunter2" and stored["ssh_key"] == "ssh-ed25519 AAAA"
+
+
+def test_domu_config_pins_pxeserver_s_dhcp_and_names_the_configured_bootloader(workdir: Path) -> None:
+    (workdir / "pxeserver.toml").write_text(
+        '[server]\naddress = "10.0.0.1"\n[dhcp]\nenabled = true\n'
+        '[xen]\nbootloader = "/usr/lib/xen-4.17/bin/pypxeboot"\n')
+    run(workdir, "profile", "add", "deb", "--kernel", "k", "--initrd", "i")
+    run(workdir, "host", "add", "--mac", "00:16:3e:aa:bb:cc", "--hostname", "web1", "--profile", "deb")
+    values: dict[str, object] = {}
+    exec(run(workdir, "domu-config", "00:16:3e:aa:bb:cc").stdout, {}, values)
+    assert values["bootloader"] == "/usr/lib/xen-4.17/bin/pypxeboot"
+    assert values["bootloader_args"] == ["mac=00:16:3e:aa:bb:cc", "interface=xenbr0", "dhcp_server=10.0.0.1"]
+
+
+@pytest.mark.parametrize("bootloader", ["pypxeboot", '/usr/bin/x"; y="', "/usr/bin/py pxe"])
+def test_a_bootloader_that_is_not_a_plain_absolute_path_is_refused(workdir: Path, bootloader: str) -> None:
+    (workdir / "pxeserver.toml").write_text(f"[xen]\nbootloader = {json.dumps(bootloader)}\n")
+    result = run(workdir, "host", "list", ok=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "[xen] bootloader must be an absolute path" in lines[0]
 
 
 BAD = [

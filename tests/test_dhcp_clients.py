@@ -27,7 +27,7 @@ from scapy.layers.dhcp import BOOTP, DHCP
 
 from pxeserver import app
 from pxeserver.config import Config
-from pxeserver.dhcp import DhcpService
+from pxeserver.dhcp.server import DhcpService
 from pxeserver.mac import MacAddress
 from pxeserver.registry import Status
 
@@ -254,7 +254,7 @@ import tempfile
 from pathlib import Path
 from pxeserver import app
 from pxeserver.config import Config
-from pxeserver.dhcp import DhcpService
+from pxeserver.dhcp.server import DhcpService
 with tempfile.TemporaryDirectory() as tmp:
     config = Config(base_dir=Path(tmp))
     config.server.address, config.server.data_dir, config.server.tftp_root = "10.77.0.1", tmp, tmp

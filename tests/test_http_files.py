@@ -6,6 +6,7 @@ import hashlib
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from http_support import MAC, PROFILE, curl, running
 
 from pxeserver.app import Context
 from pxeserver.mac import MacAddress
+from pxeserver.published import Published
 from pxeserver.registry import Status
+from pxeserver.web import files
 from pxeserver.web.server import HttpService
 
 
@@ -90,6 +93,63 @@ def test_conditional_requests(base: str) -> None:
     # If-Range with a stale validator: the whole file, not a piece of a file that changed.
     stale = curl(url, "-r", "0-9", "-H", 'If-Range: "stale"')
     assert stale.status == 200 and len(stale.body) == len(first.body)
+
+
+def test_boot_serves_the_file_it_checked_even_when_the_name_is_swapped(
+        ctx: Context, base: str, kernel: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race of issue 10: check a file, then serve the name again. Here the name is swapped
+    for a symlink out of the root right after the check; what is served is still the file that
+    was checked, whole and in ranges, and nothing of the outside file."""
+    outside = ctx.config.tftp_root.parent / "secret"
+    outside.write_bytes(b"secret\n" * 1000)
+    name = ctx.config.tftp_root / "images" / "centos5" / "vmlinuz"
+    checked = files.open_published
+
+    def check_then_swap(root: Path, subpath: str) -> Published:
+        published = checked(root, subpath)
+        name.unlink()
+        name.symlink_to(outside)  # what an attacker with write access to the root would do
+        return published
+
+    monkeypatch.setattr(files, "open_published", check_then_swap)
+    for args, expected in (((), kernel), (("-r", "1000-1999"), kernel[1000:2000])):
+        name.unlink(missing_ok=True)
+        name.write_bytes(kernel)
+        reply = curl(f"{base}/boot/images/centos5/vmlinuz", *args)
+        assert reply.status in (200, 206) and reply.body == expected
+        assert name.is_symlink()  # the swap did happen before the body was sent
+    monkeypatch.undo()
+    # and served by name now, the symlink out of the root is refused as ever
+    assert curl(f"{base}/boot/images/centos5/vmlinuz").status == 404
+
+
+def _open_copies(path: Path) -> int:
+    """How many descriptors of this process are open on ``path``."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        except FileNotFoundError:  # closed meanwhile (listdir's own descriptor, among others)
+            pass
+    return count
+
+
+def test_boot_closes_every_descriptor_it_opens(ctx: Context, base: str, kernel: bytes) -> None:
+    """Each answer, whole, partial, unchanged (304), unsatisfiable (416) or HEAD, closes the
+    file it opened (the server runs in this process, so its descriptors are visible here)."""
+    url = f"{base}/boot/images/centos5/vmlinuz"
+    served = ctx.config.tftp_root / "images" / "centos5" / "vmlinuz"
+    etag = curl(url).headers["etag"]
+    for _ in range(5):
+        assert curl(url).status == 200
+        assert curl(url, "-r", "5-9").status == 206
+        assert curl(url, "-H", f"If-None-Match: {etag}").status == 304
+        assert curl(url, "-r", f"{len(kernel)}-").status == 416
+        assert curl(url, "-I").status == 200
+    deadline = time.monotonic() + 5
+    while _open_copies(served) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the last response's file is closed by the server's loop
+    assert _open_copies(served) == 0
 
 
 @pytest.mark.slow

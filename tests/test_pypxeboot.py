@@ -12,7 +12,7 @@ import pytest
 
 from pxeserver import pxelinux
 from pxeserver.mac import MacAddress
-from pxeserver.policy import LocalBoot, NetBoot
+from pxeserver.bootspec import LocalBoot, NetBoot
 from pxeserver.pypxeboot import BootFailed, config_names, parse_words
 from pxeserver.tftp import TftpService
 
@@ -136,3 +136,39 @@ def test_a_silent_tftp_server_fails_fast_instead_of_waiting_per_name() -> None:
     assert result.returncode == 1
     assert "no answer from the TFTP server" in result.stderr.decode()
     assert time.monotonic() - started < 40, "it tried every config name in turn"
+
+
+def test_importing_pypxeboot_loads_only_its_low_level_modules() -> None:
+    """dom0 runs pypxeboot without the server's stack: no Flask, no registry, no policy."""
+    probe = ("import pxeserver.pypxeboot, sys; print(' '.join(sorted(m for m in sys.modules if m.startswith("
+             "('pxeserver', 'flask', 'werkzeug', 'waitress', 'jinja2', 'sqlite3', 'click', 'dnslib')))))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.split() == [
+        "pxeserver", "pxeserver.bootspec", "pxeserver.dhcp", "pxeserver.dhcp.codec", "pxeserver.mac",
+        "pxeserver.pxelinux", "pxeserver.pypxeboot", "pxeserver.pypxeboot.dhcp", "pxeserver.pypxeboot.tftp"]
+
+
+BARE_PYTHON = "/usr/bin/python3"  # the system's own: no venv, nothing of pxeserver's stack
+
+
+@pytest.mark.skipif(not Path(BARE_PYTHON).exists(), reason="needs the system python3")
+def test_the_built_zipapp_netboots_on_a_python_with_nothing_installed(tftp, tmp_path: Path) -> None:
+    ctx, port = tftp
+    ctx.provisioning.add_host({"mac": MAC, "hostname": "web1", "profile": "d"})
+    built = subprocess.run([sys.executable, "-m", "pxeserver", "build-pypxeboot", "-o", str(tmp_path / "pypxeboot")],
+                           capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    bare = subprocess.run([BARE_PYTHON, "-I", "-S", "-c", "import tftpy"], capture_output=True, timeout=30)
+    assert bare.returncode != 0  # -I -S: no site-packages at all, so only the zipapp's own tftpy can load
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run([BARE_PYTHON, "-I", "-S", str(tmp_path / "pypxeboot"), f"--output={out / 'result'}",
+                             "--output-format=simple0", f"--output-directory={out}", f"mac={MAC}",
+                             "server=127.0.0.1", f"tftp_port={port}", "/dev/null"],
+                            capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    fields = dict(item.split(" ", 1) for item in (out / "result").read_text().rstrip("\0").split("\0"))
+    root = ctx.config.tftp_root
+    assert Path(fields["kernel"]).read_bytes() == (root / "images/d/linux").read_bytes()
+    assert Path(fields["ramdisk"]).read_bytes() == (root / "images/d/initrd.gz").read_bytes()
+    assert (tmp_path / "pypxeboot").read_bytes().startswith(b"#!/usr/bin/python3\n")

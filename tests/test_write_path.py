@@ -59,6 +59,8 @@ def test_patches_and_callbacks_racing_on_many_hosts_lose_nothing(ctx: Context) -
     random.seed(10)
     # Every "installer" here calls from loopback; the address check has its own tests.
     ctx.config.http.autoinstall_trusted_networks = ["127.0.0.0/8"]
+    # ... and all 48 hosts share that one address, 32 requests in flight at once.
+    ctx.config.http.max_connections_per_address = 64
     with running(ctx):
         base = ctx.config.http_base_url
         assert request("POST", f"{base}/api/profiles", PROFILE)[0] == 201

@@ -1,5 +1,4 @@
-"""The DHCP service (full and proxyDHCP modes); see codec, responder, leases and server."""
+"""The DHCP service (full and proxyDHCP modes): codec, responder, leases and server.
 
-from pxeserver.dhcp.server import DhcpService
-
-__all__ = ["DhcpService"]
+Empty on purpose: pypxeboot imports the codec alone in dom0, without the server behind it.
+"""

@@ -275,8 +275,9 @@ class Responder:
         user_class = packet.options.get(Option.USER_CLASS, b"")
         # iPXE sends "iPXE" raw; an RFC 3004 encoder prefixes the length. Only iPXE gets the
         # script URL: handing it to the PXE ROM would load a script it cannot run, and
-        # handing iPXE its own binary again would loop.
-        if user_class in (b"iPXE", b"\x04iPXE"):
+        # handing iPXE its own binary again would loop. With ipxe_chain "pxelinux" iPXE gets
+        # the firmware's loader like a PXE ROM would (iPXE runs pxelinux.0 and syslinux.efi).
+        if user_class in (b"iPXE", b"\x04iPXE") and self.config.boot.ipxe_chain == "script":
             return f"{self.config.http_base_url}/ipxe/{mac.dashed}"
         arch_option = packet.options.get(Option.CLIENT_ARCH, b"")
         arch = int.from_bytes(arch_option[:2], "big") if len(arch_option) >= 2 else 0

@@ -4,15 +4,27 @@ xl runs it in dom0 when the domU's config says ``bootloader = "pypxeboot"``, as
 ``pypxeboot [--kernel=K] [--ramdisk=R] [--args=C] --output=FILE --output-format=simple0
 --output-directory=DIR mac=00:16:3e:... [interface=xenbr0] DISK``. It asks DHCP for the guest
 (with the guest's MAC), fetches ``pxelinux.cfg/`` configs in pxelinux's own lookup order
-over TFTP (tftpy's client), downloads the default entry's kernel and initrd into DIR and
-writes where they are in the format xl asked for. A config that says ``localboot`` hands the
-same arguments to pygrub, which boots the installed system from DISK.
+over TFTP, downloads the default entry's kernel and initrd into DIR and writes where they are
+in the format xl asked for. A config that says ``localboot`` hands the same arguments to
+pygrub, which boots the installed system from DISK.
 
-Compared with the original (2007-2010): it runs under today's xl (the libxl option protocol),
-needs no patched udhcpc, accepts next-server from option 66 or the server id when siaddr is
-empty, keeps append words without '=' and values holding '=', and exits non-zero with one line
-on stderr when anything fails, so xl reports the failure instead of booting garbage.
-Extra words: ``server=IP`` skips DHCP, ``tftp_port=N`` (tests), ``pygrub=PATH``.
+It runs as root on input from the guest network, which is hostile (pygrub's CVE-2007-4993 is
+the class: libxl splits a ``simple0`` result on NUL and maps, then unlinks as root, every
+``kernel``/``ramdisk`` path in it). So: nothing it writes for xl holds a control character (a
+config whose kernel, initrd or append holds one is refused, as are paths that are not plain
+printable ASCII); the ``kernel``/``ramdisk`` items are only files it created itself (O_EXCL,
+no symlink followed) inside ``--output-directory``, checked again just before the result is
+written; DHCP replies count only from the pinned or first-answering server and TFTP packets
+only from the next-server's address and the transfer's port (see ``dhcp`` and ``tftp``); and
+every download is bounded in size, speed and time. Any breach exits 1 with one line on stderr
+and removes what it wrote: no kernel, no ramdisk, no result.
+
+Words (``key=value``, among xl's ``bootloader_args``): ``mac=`` (required), ``interface=BR``,
+``server=IP`` (skip DHCP: boot from this TFTP server), ``dhcp_server=IP`` (take DHCP replies
+only from this server), ``tftp_port=N`` (tests), ``pygrub=PATH``, and the bounds
+``max_file_mb=`` (256), ``max_total_mb=`` (384, kernel and ramdisk together),
+``min_rate_kbs=`` (16 KiB/s, averaged over each ``rate_window=`` of 30 s) and ``deadline=``
+(600 s for the whole boot). The defaults fit a 150 MB installer initrd at 400 KB/s.
 """
 
 from __future__ import annotations
@@ -20,45 +32,65 @@ from __future__ import annotations
 import argparse
 import glob
 import io
+import ipaddress
 import logging
 import os
+import re
 import shutil
+import signal
+import stat
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
-
-import tftpy
+from typing import BinaryIO, NoReturn
 
 from pxeserver import pxelinux
 from pxeserver.mac import InvalidMac, MacAddress
-from pxeserver.policy import hex_ip
 from pxeserver.pypxeboot.dhcp import DhcpFailed, Lease, obtain_lease
+from pxeserver.pypxeboot.tftp import Bounds, ServerRefused, TransferFailed, download
 
-TFTP_OPTIONS = {"blksize": 1468}  # fits an Ethernet frame; 512-byte lockstep is 3x slower
-TFTP_TIMEOUT, TFTP_RETRIES = 5, 3
 PYGRUB_PLACES = ("/usr/lib/xen-*/bin/pygrub", "/usr/local/lib/xen/bin/pygrub", "/usr/lib/xen/bin/pygrub")
+CONFIG_CAP = 64 * 1024  # bytes: a pxelinux config is a few lines
+MAX_CMDLINE = 2048  # characters: x86 Linux's COMMAND_LINE_SIZE
+# (lowest, highest, default) of each numeric word
+NUMBER_WORDS = {
+    "tftp_port": (1, 65535, 69),
+    "max_file_mb": (1, 4096, 256),
+    "max_total_mb": (1, 8192, 384),
+    "min_rate_kbs": (1, 1_000_000, 16),
+    "rate_window": (1, 600, 30),
+    "deadline": (1, 86400, 600),
+}
+_PLAIN_PATH = re.compile(r"[!-~]{1,255}")  # printable ASCII, no blanks: a TFTP path as configs write them
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SXP_SPECIAL = re.compile(r'[\s()"\\]')
 
 
 class BootFailed(RuntimeError):
     """Anything that stops the boot; the message is printed as pypxeboot's one error line."""
 
 
-class NoAnswer(BootFailed):
-    """The TFTP server did not answer at all: trying further config names would only wait."""
-
-
 @dataclass(frozen=True)
 class Request:
     mac: MacAddress
     server: str
+    dhcp_server: str
     interface: str
-    tftp_port: int
     pygrub: str
     disk: str | None
+    tftp_port: int
+    max_file_mb: int
+    max_total_mb: int
+    min_rate_kbs: int
+    rate_window: int
+    deadline: int
 
 
 def parse_words(words: list[str]) -> Request:
-    """The bootloader_args words (``key=value``) and the disk xl appends last."""
+    """The bootloader_args words (``key=value``) and the disk xl appends last. Words this
+    version does not know are ignored (xm-era configs pass the whole vif spec); the values of
+    the ones it knows are checked strictly."""
     values: dict[str, str] = {}
     disk = None
     for word in words:
@@ -75,66 +107,142 @@ def parse_words(words: list[str]) -> Request:
         mac = MacAddress.parse(values["mac"])
     except InvalidMac as exc:
         raise BootFailed(str(exc)) from None
-    port = values.get("tftp_port", "69")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise BootFailed(f"tftp_port={port} is not a port number")
-    return Request(mac, values.get("server", ""), values.get("interface", ""), int(port),
-                   values.get("pygrub", ""), disk)
+    for key in ("server", "dhcp_server"):
+        if values.get(key):
+            try:
+                ipaddress.IPv4Address(values[key])
+            except ValueError:
+                raise BootFailed(f"{key}={values[key]!r} is not an IPv4 address") from None
+    numbers = {}
+    for key, (lowest, highest, default) in NUMBER_WORDS.items():
+        value = values.get(key, str(default))
+        if not re.fullmatch(r"[0-9]{1,9}", value) or not lowest <= int(value) <= highest:
+            raise BootFailed(f"{key}={value!r} is not a whole number from {lowest} to {highest}")
+        numbers[key] = int(value)
+    return Request(mac, values.get("server", ""), values.get("dhcp_server", ""), values.get("interface", ""),
+                   values.get("pygrub", ""), disk, **numbers)
 
 
 def config_names(mac: MacAddress, lease_ip: str | None) -> list[str]:
     """pxelinux's lookup order: 01-<mac>, the hex IP and each shorter prefix, default."""
     names = [mac.pxelinux_name]
     if lease_ip:
-        address = hex_ip(lease_ip)
+        address = pxelinux.hex_ip(lease_ip)
         names += [address[:length] for length in range(8, 0, -1)]
     return names + ["default"]
+
+
+def control_character(text: str) -> str | None:
+    """The first control character in ``text`` (NUL, newline, escape...), or None."""
+    found = _CONTROL.search(text)
+    return found.group() if found else None
+
+
+class Outputs:
+    """The kernel and ramdisk written for xl: files pypxeboot created itself inside the output
+    directory (mkstemp: O_EXCL, no symlink followed), each checked again, by inode, before xl
+    is told about it, and all removed when the boot fails."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = os.path.abspath(directory)
+        self.files: dict[str, tuple[int, int]] = {}
+
+    def create(self, kind: str) -> tuple[str, BinaryIO]:
+        if _SXP_SPECIAL.search(self.directory) or control_character(self.directory):
+            raise BootFailed(f"the output directory {self.directory!r} holds a blank, a control "
+                             "character or one of ()\"\\, which xl's result formats cannot carry")
+        fd, path = tempfile.mkstemp(prefix=f"boot_{kind}.", dir=self.directory)
+        status = os.fstat(fd)
+        self.files[path] = (status.st_dev, status.st_ino)
+        return path, os.fdopen(fd, "wb")
+
+    def checked(self, path: str) -> str:
+        """``path`` if it is a file this run wrote, unchanged, directly in the directory."""
+        try:
+            status = os.lstat(path)
+        except OSError:
+            status = None
+        if path not in self.files or os.path.dirname(path) != self.directory or status is None \
+                or not stat.S_ISREG(status.st_mode) or (status.st_dev, status.st_ino) != self.files[path]:
+            raise BootFailed(f"{path!r} is not a file pypxeboot wrote in {self.directory}: refused")
+        return path
+
+    def remove_all(self) -> None:
+        for path, identity in self.files.items():
+            try:
+                status = os.lstat(path)
+                if (status.st_dev, status.st_ino) == identity:
+                    os.unlink(path)
+            except OSError:
+                pass
+        self.files.clear()
 
 
 class Fetcher:
     """TFTP downloads from one server, relative to the boot file's directory (pxelinux's prefix)."""
 
-    def __init__(self, server: str, port: int, prefix: str) -> None:
-        self.client = tftpy.TftpClient(server, port, options=dict(TFTP_OPTIONS))
-        self.server, self.prefix = server, prefix
+    def __init__(self, server: str, port: int, prefix: str, bounds: Bounds, request: Request) -> None:
+        self.server, self.port, self.prefix = server, port, prefix
+        self.bounds, self.request = bounds, request
 
-    def fetch(self, name: str, output: io.BufferedIOBase | io.BytesIO) -> None:
-        path = name if name.startswith("/") else self.prefix + name
-        try:
-            self.client.download(path, output, timeout=TFTP_TIMEOUT, retries=TFTP_RETRIES)
-        except tftpy.TftpTimeout:
-            raise NoAnswer(f"tftp://{self.server}/{path}: no answer from the TFTP server") from None
-        except (tftpy.TftpException, OSError) as exc:
-            raise BootFailed(f"tftp://{self.server}/{path}: {exc}") from None
+    def path(self, name: str) -> str:
+        return name if name.startswith("/") else self.prefix + name
 
-    def text(self, name: str) -> str | None:
+    def text(self, name: str) -> str:
+        """A config's text; raises ServerRefused when the server has none by that name."""
+        path = self.path(name)
         buffer = io.BytesIO()
-        try:
-            self.fetch(name, buffer)
-        except NoAnswer:
-            raise
-        except BootFailed:
-            return None
+        download(self.server, self.port, path, buffer, CONFIG_CAP,
+                 f"tftp://{self.server}/{path}: larger than {CONFIG_CAP // 1024} KiB, which no "
+                 "pxelinux config is", self.bounds)
         return buffer.getvalue().decode("utf-8", "replace")
 
-    def to_file(self, name: str, directory: str, kind: str) -> str:
-        fd, path = tempfile.mkstemp(prefix=f"boot_{kind}.", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as file:
-                self.fetch(name, file)
-        except BaseException:
-            os.unlink(path)
-            raise
-        return path
+    def to_file(self, name: str, outputs: Outputs, kind: str) -> str:
+        path = self.path(name)
+        left = self.bounds.max_total - self.bounds.written
+        if self.bounds.max_file <= left:
+            limit, too_big = self.bounds.max_file, (
+                f"tftp://{self.server}/{path}: larger than the {self.request.max_file_mb} MiB cap "
+                "on one file (max_file_mb=)")
+        else:
+            limit, too_big = left, (
+                f"tftp://{self.server}/{path}: the kernel and ramdisk together pass the "
+                f"{self.request.max_total_mb} MiB cap (max_total_mb=)")
+        target, file = outputs.create(kind)
+        with file:
+            self.bounds.written += download(self.server, self.port, path, file, limit, too_big, self.bounds)
+        return target
+
+
+def check_entry(entry: pxelinux.Entry, config: str) -> None:
+    """Refuse what the network may not put into xl's result or into a TFTP request."""
+    for field, value in (("kernel", entry.kernel), ("initrd", entry.initrd)):
+        if value and not _PLAIN_PATH.fullmatch(value):
+            raise BootFailed(f"{config}: the {field} path {value!r} is not a plain TFTP path "
+                             "(printable ASCII, no blanks, at most 255 characters): refused")
+    char = control_character(entry.append)
+    if char:
+        raise BootFailed(f"{config}: the append line holds a control character ({char!r}): refused")
 
 
 def format_result(kind: str, kernel: str, ramdisk: str, args: str) -> bytes:
-    """The three formats pygrub writes, which libxl and xm read."""
+    """The three formats pygrub writes, which libxl and xm read: no item holds a NUL or
+    newline, and sxp's quoted args hold no quote or backslash."""
+    char = control_character(args)
+    if char:
+        raise BootFailed(f"the kernel command line holds a control character ({char!r}): refused")
+    if len(args) > MAX_CMDLINE:
+        raise BootFailed(f"the kernel command line is longer than {MAX_CMDLINE} characters")
+    items = [("kernel", kernel)] + [(key, value) for key, value in (("ramdisk", ramdisk), ("args", args)) if value]
     if kind == "simple0":
-        return f"kernel {kernel}\0ramdisk {ramdisk}\0args {args}\0\0".encode()
+        return b"".join(f"{key} {value}\0".encode() for key, value in items) + b"\0"
     if kind == "simple":
-        return f"kernel {kernel}\nramdisk {ramdisk}\nargs {args}\n".encode()
-    return f'linux (kernel {kernel})(ramdisk {ramdisk})(args "{args}")'.encode()
+        return b"".join(f"{key} {value}\n".encode() for key, value in items)
+    if '"' in args or "\\" in args:
+        raise BootFailed("the kernel command line holds a quote or backslash, which the sxp output "
+                         "cannot carry (ask for --output-format=simple0)")
+    return ("linux " + "".join(f'({key} "{value}")' if key == "args" else f"({key} {value})"
+                               for key, value in items)).encode()
 
 
 def find_pygrub(configured: str) -> str:
@@ -164,38 +272,66 @@ def hand_to_pygrub(request: Request, options: argparse.Namespace) -> None:
     os.execv(argv[0], argv)
 
 
-def boot(request: Request, options: argparse.Namespace) -> bytes:
+def boot(request: Request, options: argparse.Namespace, outputs: Outputs, bounds: Bounds) -> bytes:
     """Everything up to the result xl reads; returns it (or execs pygrub for localboot)."""
     if request.server:
-        lease = Lease(ip="", next_server=request.server, boot_file="", hostname="")
+        lease = Lease(ip="", next_server=request.server, boot_file="")
     else:
-        lease = obtain_lease(request.mac, request.interface)
-        if not lease.next_server:
-            raise BootFailed(f"the DHCP server gave {lease.ip} but no next-server (siaddr)")
+        lease = obtain_lease(request.mac, request.interface, request.dhcp_server, bounds.deadline)
     prefix = lease.boot_file.rpartition("/")[0] + "/" if "/" in lease.boot_file else ""
-    fetcher = Fetcher(lease.next_server, request.tftp_port, prefix)
+    fetcher = Fetcher(lease.next_server, request.tftp_port, prefix, bounds, request)
     for name in config_names(request.mac, lease.ip or None):
-        text = fetcher.text(f"pxelinux.cfg/{name}")
-        if text is not None:
+        try:
+            text = fetcher.text(f"pxelinux.cfg/{name}")
             break
+        except ServerRefused:
+            continue  # no such name on the server: pxelinux asks the next one
     else:
         raise BootFailed(f"no pxelinux.cfg/ file for {request.mac} on {lease.next_server}")
+    config = f"tftp://{lease.next_server}/{fetcher.path(f'pxelinux.cfg/{name}')}"
     entry = pxelinux.parse(text)
     if entry is None:
-        raise BootFailed(f"pxelinux.cfg/{name} names nothing to boot")
-    print(f"pypxeboot: {request.mac} boots {entry.label!r} from {lease.next_server} "
-          f"(pxelinux.cfg/{name})", file=sys.stderr)
+        raise BootFailed(f"{config} names nothing to boot")
+    check_entry(entry, config)
+    said = f"pypxeboot: {request.mac} boots {entry.label!r} from {config}"
     if entry.localboot:
+        print(said, file=sys.stderr)
         hand_to_pygrub(request, options)
-    directory = options.output_directory or tempfile.gettempdir()
-    kernel = fetcher.to_file(entry.kernel, directory, "kernel")
-    ramdisk = fetcher.to_file(entry.initrd, directory, "ramdisk") if entry.initrd else ""
+    kernel = fetcher.to_file(entry.kernel, outputs, "kernel")
+    ramdisk = fetcher.to_file(entry.initrd, outputs, "ramdisk") if entry.initrd else ""
     args = " ".join(filter(None, [entry.append, options.args or ""]))
-    return format_result(options.output_format or ("simple0" if options.output else "sxp"),
-                         kernel, ramdisk, args)
+    result = format_result(options.output_format or ("simple0" if options.output else "sxp"),
+                           outputs.checked(kernel), ramdisk and outputs.checked(ramdisk), args)
+    print(said, file=sys.stderr)  # only once it worked: a failure is one line, the error
+    return result
+
+
+def write_result(path: str, result: bytes) -> None:
+    """The result file xl reads (libxl creates it first): never through a symlink, and empty
+    again if the write fails part way."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(result)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        os.ftruncate(fd, 0)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _terminated(signum: int, frame: object) -> NoReturn:
+    raise BootFailed(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def one_line(message: str) -> str:
+    """An error message as one printable line: the network chose parts of it."""
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", message)[:500]
 
 
 def main(argv: list[str] | None = None) -> None:
+    started = time.monotonic()
     parser = argparse.ArgumentParser(prog="pypxeboot", allow_abbrev=False,
                                      description="Network-boot a Xen PV domU (run by xl as its bootloader).")
     parser.add_argument("--kernel", help="kernel= from the domU config (unused when netbooting)")
@@ -204,16 +340,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", help="file to write the result to (default: stdout)")
     parser.add_argument("--output-format", choices=("simple0", "simple", "sxp"))
     parser.add_argument("--output-directory", help="where the kernel and initrd are written")
-    parser.add_argument("words", nargs="*", help="mac=MAC [interface=BR] [server=IP] ... DISK")
+    parser.add_argument("words", nargs="*", help="mac=MAC [interface=BR] [server=IP] [dhcp_server=IP] "
+                        "[max_file_mb=N] [max_total_mb=N] [min_rate_kbs=N] [rate_window=S] [deadline=S] DISK")
     options = parser.parse_args(argv)
-    logging.getLogger("tftpy").setLevel(logging.CRITICAL)  # failures become our one line
+    signal.signal(signal.SIGTERM, _terminated)
+    # tftpy's packet decoders log what peers send (an ERR's text, at error level): the
+    # network would write its own lines into xl's log. The one error line says what matters.
+    logging.getLogger("tftpy").setLevel(logging.CRITICAL)
+    outputs = Outputs(options.output_directory or tempfile.gettempdir())
     try:
-        result = boot(parse_words(options.words), options)
+        request = parse_words(options.words)
+        bounds = Bounds(max_file=request.max_file_mb << 20, max_total=request.max_total_mb << 20,
+                        min_rate=request.min_rate_kbs << 10, rate_window=request.rate_window,
+                        deadline=started + request.deadline)
+        result = boot(request, options, outputs, bounds)
         if options.output:
-            with open(options.output, "wb") as output:
-                output.write(result)
+            write_result(options.output, result)
         else:
             sys.stdout.buffer.write(result + b"\n")
-    except (BootFailed, DhcpFailed, OSError) as exc:
-        print(f"pypxeboot: error: {exc}", file=sys.stderr)
+    except (BootFailed, DhcpFailed, TransferFailed, OSError) as exc:
+        outputs.remove_all()
+        print(f"pypxeboot: error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(1)
+    except BaseException:
+        outputs.remove_all()
+        raise

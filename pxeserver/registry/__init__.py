@@ -1,6 +1,7 @@
 """The registry: profiles, hosts, their timelines and leases, behind the Store interface."""
 
 from pxeserver.registry.models import (
+    BootFile,
     Conflict,
     Event,
     Host,
@@ -29,6 +30,6 @@ def open_store(database: str) -> Store:
 
 
 __all__ = [
-    "Change", "Conflict", "Event", "Host", "Lease", "NotFound", "Profile", "SqliteStore", "Status",
-    "Store", "Unavailable", "ValidationError", "XenSettings", "is_postgresql", "open_store",
+    "BootFile", "Change", "Conflict", "Event", "Host", "Lease", "NotFound", "Profile", "SqliteStore",
+    "Status", "Store", "Unavailable", "ValidationError", "XenSettings", "is_postgresql", "open_store",
 ]

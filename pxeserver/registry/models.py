@@ -513,6 +513,19 @@ class HostChanges:
 
 
 @dataclass(frozen=True)
+class BootFile:
+    """A file under the TFTP root as an import recorded it: what it must still be."""
+
+    path: str  # relative to the TFTP root
+    size: int
+    sha256: str
+    source: str  # where it was imported from, for the admin reading `profile show`
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256, "source": self.source}
+
+
+@dataclass(frozen=True)
 class Event:
     mac: MacAddress
     time: float

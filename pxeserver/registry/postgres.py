@@ -32,6 +32,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from pxeserver.mac import MacAddress
 from pxeserver.registry.models import (
+    BootFile,
     Conflict,
     Event,
     Host,
@@ -89,6 +90,14 @@ MIGRATIONS: list[str] = [
         mac TEXT PRIMARY KEY,
         ip TEXT NOT NULL UNIQUE,
         expires DOUBLE PRECISION NOT NULL
+    );
+    """,
+    """
+    CREATE TABLE boot_files (
+        path TEXT PRIMARY KEY,
+        size BIGINT NOT NULL,
+        sha256 TEXT NOT NULL,
+        source TEXT NOT NULL DEFAULT ''
     );
     """,
 ]
@@ -406,6 +415,38 @@ class PostgresStore:
         for profile in profiles:
             self._answers.put(("profile", profile.name), version, profile)
         return list(profiles)
+
+    def add_imported_profile(self, profile: Profile, files: Iterable[BootFile]) -> bool:
+        rows = [(f.path, f.size, f.sha256, f.source) for f in files]
+        with self._write() as (conn, changes):
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO boot_files (path, size, sha256, source) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT (path) DO UPDATE SET size = excluded.size, "
+                    "sha256 = excluded.sha256, source = excluded.source", rows)
+            changes.extend(Change("boot-file", path) for path, *_ in rows)
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (profile.name,))
+            existing = self._one_profile(conn, profile.name)
+            if existing is not None:
+                if existing != profile:
+                    raise Conflict(f"profile {profile.name!r} already exists with other settings")
+                return False
+            conn.execute(
+                "INSERT INTO profiles (name, kernel, initrd, append, autoinstall, vars) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                (profile.name, profile.kernel, profile.initrd, profile.append,
+                 profile.autoinstall, json.dumps(profile.vars)))
+            changes.append(Change("profile", profile.name))
+            return True
+
+    def boot_files(self, paths: Iterable[str]) -> dict[str, BootFile]:
+        wanted = sorted(set(paths))
+
+        def query(conn: psycopg.Connection[Any]) -> dict[str, BootFile]:
+            rows = conn.execute("SELECT * FROM boot_files WHERE path = ANY(%s)", (wanted,)).fetchall()
+            return {row["path"]: BootFile(row["path"], row["size"], row["sha256"], row["source"])
+                    for row in rows}
+        return dict(self._read(("boot-files", *wanted), query))
 
     def delete_profile(self, name: str) -> None:
         with self._write() as (conn, changes):

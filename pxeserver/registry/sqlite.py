@@ -18,6 +18,7 @@ from typing import Any
 
 from pxeserver.mac import MacAddress
 from pxeserver.registry.models import (
+    BootFile,
     Conflict,
     Event,
     Host,
@@ -67,6 +68,14 @@ MIGRATIONS: list[str] = [
         mac TEXT PRIMARY KEY,
         ip TEXT NOT NULL UNIQUE,
         expires REAL NOT NULL
+    );
+    """,
+    """
+    CREATE TABLE boot_files (
+        path TEXT PRIMARY KEY,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        source TEXT NOT NULL DEFAULT ''
     );
     """,
 ]
@@ -225,6 +234,34 @@ class SqliteStore:
     def list_profiles(self) -> list[Profile]:
         rows = self._connection().execute("SELECT * FROM profiles ORDER BY name").fetchall()
         return [_profile(row) for row in rows]
+
+    def add_imported_profile(self, profile: Profile, files: Iterable[BootFile]) -> bool:
+        rows = [(f.path, f.size, f.sha256, f.source) for f in files]
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO boot_files (path, size, sha256, source) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(path) DO UPDATE SET size = excluded.size, sha256 = excluded.sha256, "
+                "source = excluded.source", rows)
+            row = conn.execute("SELECT * FROM profiles WHERE name = ?", (profile.name,)).fetchone()
+            if row is not None:
+                if _profile(row) != profile:
+                    raise Conflict(f"profile {profile.name!r} already exists with other settings")
+                return False
+            conn.execute(
+                "INSERT INTO profiles (name, kernel, initrd, append, autoinstall, vars) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (profile.name, profile.kernel, profile.initrd, profile.append,
+                 profile.autoinstall, json.dumps(profile.vars)),
+            )
+            return True
+
+    def boot_files(self, paths: Iterable[str]) -> dict[str, BootFile]:
+        wanted = list(paths)
+        rows = self._connection().execute(
+            f"SELECT * FROM boot_files WHERE path IN ({', '.join('?' * len(wanted))})", wanted
+        ).fetchall()
+        return {row["path"]: BootFile(row["path"], row["size"], row["sha256"], row["source"])
+                for row in rows}
 
     def delete_profile(self, name: str) -> None:
         with self._write() as conn:

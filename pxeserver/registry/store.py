@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pxeserver.mac import MacAddress
-from pxeserver.registry.models import Event, Host, HostChanges, Profile, Status
+from pxeserver.registry.models import BootFile, Event, Host, HostChanges, Profile, Status
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class Unavailable(Exception):
 @dataclass(frozen=True)
 class Change:
     """What another node changed: ``kind`` host (key: the MAC), profile (key: its name), lease
-    (key: the MAC), or all (key empty: changes were missed while the database was away)."""
+    (key: the MAC), boot-file (key: its path), or all (key empty: changes were missed while
+    the database was away)."""
 
     kind: str
     key: str
@@ -54,6 +55,16 @@ class Store(Protocol):
     def get_profile(self, name: str) -> Profile: ...
     def list_profiles(self) -> list[Profile]: ...
     def delete_profile(self, name: str) -> None: ...
+    def add_imported_profile(self, profile: Profile, files: Iterable[BootFile]) -> bool:
+        """Record the files an import published and add its profile, in one transaction.
+
+        True if the profile was added; False if an identical one already existed (a repeated
+        import); Conflict if a profile of that name differs.
+        """
+        ...
+    def boot_files(self, paths: Iterable[str]) -> dict[str, BootFile]:
+        """The recorded size and SHA-256 of those of ``paths`` an import recorded."""
+        ...
 
     # Hosts. add_host and update_host raise Conflict on a duplicate MAC, hostname or IP and
     # ValidationError for an unknown profile; get/update/delete raise NotFound.

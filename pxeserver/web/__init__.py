@@ -9,7 +9,7 @@ from flask.json.provider import DefaultJSONProvider
 
 from pxeserver.app import Context
 from pxeserver.registry import Unavailable
-from pxeserver.web import api, files, metrics
+from pxeserver.web import api, files, imports, metrics
 
 MAX_BODY_BYTES = 256 * 1024
 
@@ -35,6 +35,7 @@ def create_app(context: Context) -> Flask:
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["pxeserver"] = context
     app.register_blueprint(api.blueprint)
+    app.register_blueprint(imports.blueprint)
     app.register_blueprint(files.blueprint)
     metrics.install(app, context)
     app.register_error_handler(Unavailable, _unavailable)

@@ -17,6 +17,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import BadRequest, HTTPException, UnsupportedMediaType
 
+from pxeserver import bootfiles
 from pxeserver.app import Context
 from pxeserver.mac import InvalidMac, MacAddress
 from pxeserver.provisioning import InvalidToken
@@ -111,10 +112,20 @@ def list_profiles() -> Response:
     return jsonify([_profile(p) for p in _context().store.list_profiles()])
 
 
+def _with_warnings(profile: Profile) -> Response:
+    """A profile just written, with an HTTP ``Warning`` (199) for each file the TFTP root does
+    not serve: the body stays the profile, which a client may write back as it is."""
+    response = jsonify(_profile(profile))
+    for warning in bootfiles.missing_files(_context().config.tftp_root, profile):
+        text = warning.replace('"', "'").encode("ascii", "backslashreplace").decode()
+        response.headers.add("Warning", f'199 pxeserver "{text}"')
+    return response
+
+
 @blueprint.post("/profiles")
 def add_profile() -> tuple[Response, int]:
     profile = _context().provisioning.add_profile(_body())
-    return jsonify(_profile(profile)), 201
+    return _with_warnings(profile), 201
 
 
 @blueprint.get("/profiles/<name>")
@@ -122,9 +133,18 @@ def show_profile(name: str) -> Response:
     return jsonify(_profile(_context().store.get_profile(name)))
 
 
+@blueprint.get("/profiles/<name>/files")
+def profile_files(name: str) -> Response:
+    """Each file's size, whether it is served and whether it still matches the SHA-256 its
+    import recorded; apart from the profile so that a profile read can be written back."""
+    context = _context()
+    profile = context.store.get_profile(name)
+    return jsonify(bootfiles.profile_files(context.config.tftp_root, profile, context.store))
+
+
 @blueprint.put("/profiles/<name>")
 def replace_profile(name: str) -> Response:
-    return jsonify(_profile(_context().provisioning.replace_profile(name, _body())))
+    return _with_warnings(_context().provisioning.replace_profile(name, _body()))
 
 
 @blueprint.delete("/profiles/<name>")

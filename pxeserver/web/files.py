@@ -1,15 +1,17 @@
 """What installers and boot loaders fetch over HTTP: autoinstall files, iPXE scripts, boot files.
 
 A Flask blueprint; the answers come from the boot policy (what does this MAC boot, which
-profile, which template), never from the registry directly. ``/boot/`` relies on Flask's
-``send_file`` for Range, HEAD, ETag and Last-Modified, and hands it an open file so that the
-WSGI server's ``wsgi.file_wrapper`` (and with it ``os.sendfile``) carries the body.
+profile, which template), never from the registry directly. ``/boot/`` serves the descriptor
+that the publishing check opened, through Flask's ``send_file`` (HEAD, ETag, Last-Modified)
+and werkzeug's Range handling, so that the WSGI server's ``wsgi.file_wrapper`` (and with it
+``os.sendfile``) carries the body.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import zlib
 from pathlib import Path
 
 from flask import Blueprint, Response, abort, current_app, request, send_file
@@ -20,7 +22,7 @@ from pxeserver.app import Context
 from pxeserver.autoinstall import AutoinstallRenderer
 from pxeserver.mac import InvalidMac, MacAddress
 from pxeserver.policy import AutoinstallKind, BootSpec, LocalBoot, NotInstalling, SecretRefused
-from pxeserver.published import NotPublished, open_published
+from pxeserver.published import NotPublished, Published, open_published
 from pxeserver.registry import Status
 
 log = logging.getLogger(__name__)
@@ -140,11 +142,32 @@ def boot_file(subpath: str) -> Response:
         published = open_published(context.config.tftp_root, subpath)
     except NotPublished:
         return _text("not found\n", 404)
-    os.close(published.fd)
-    target = published.path
-    response = send_file(target, conditional=True, etag=True, max_age=0)
+    response = _send_published(published)
     if request.method == "GET" and response.status_code == 200:
         host = context.policy.host_by_ip(request.remote_addr or "")
         if host is not None:
             context.policy.record(host.mac, "http", f"downloaded /boot/{subpath}")
     return response
+
+
+def _send_published(published: Published) -> Response:
+    """Serve the very descriptor that was checked, never the path again: the name may point
+    elsewhere by now (a symlink or another file swapped in). Size, Last-Modified, the ETag
+    (in werkzeug's format for paths, so it is stable) and Range come from that descriptor."""
+    info = published.info
+    file = os.fdopen(published.fd, "rb")
+    try:
+        response = send_file(
+            file,
+            download_name=os.path.basename(published.path),
+            conditional=False,
+            etag=f"{info.st_mtime}-{info.st_size}-{zlib.adler32(published.path.encode()) & 0xFFFFFFFF}",
+            last_modified=info.st_mtime,
+            max_age=0,
+        )
+        response.content_length = info.st_size
+        response.make_conditional(request.environ, accept_ranges=True, complete_length=info.st_size)
+        return response
+    except BaseException:  # a 416 from make_conditional included: the response never runs
+        file.close()
+        raise
