@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import replace
 
 import psycopg
 import pytest
 
 from pxeserver.mac import InvalidMac, MacAddress
 from pxeserver.registry import (
-    Conflict, Host, Lease, NotFound, Profile, SqliteStore, Store, ValidationError, open_store,
+    BootFile, Conflict, Host, Lease, NotFound, Profile, SqliteStore, Store, ValidationError, open_store,
 )
 from pxeserver.registry import postgres
 from pxeserver.registry.sqlite import MIGRATIONS
@@ -197,3 +198,14 @@ def test_a_pool_address_goes_to_a_second_mac_only_once_its_lease_ran_out(store: 
     assert store.find_lease_by_ip("10.0.0.100") == Lease(second, "10.0.0.100", 5000.0)
     assert store.find_lease(first) is None
     assert store.list_leases() == [Lease(second, "10.0.0.100", 5000.0)]
+
+
+def test_an_imported_profile_and_its_boot_files_are_one_transaction(store: Store) -> None:
+    files = [BootFile("images/deb/linux", 10, "a" * 64, "http://mirror/linux"),
+             BootFile("images/deb/initrd.gz", 20, "b" * 64, "http://mirror/initrd.gz")]
+    assert store.add_imported_profile(_profile(), files) is True
+    assert store.add_imported_profile(_profile(), files) is False  # a repeated import
+    with pytest.raises(Conflict, match="other settings"):
+        store.add_imported_profile(replace(_profile(), append="quiet=1"), files)
+    assert store.list_profiles() == [_profile()]
+    assert store.boot_files(["images/deb/linux", "images/none"]) == {"images/deb/linux": files[0]}
