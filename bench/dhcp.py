@@ -29,8 +29,8 @@ from dhcp_support import CLIENT_IF, SERVER_IF, SERVER_IP, inside, veth_link  # n
 
 from pxeserver import app, config as configuration  # noqa: E402
 from pxeserver.dhcp import codec  # noqa: E402
-from pxeserver.dhcp.server import DhcpService  # noqa: E402
 from pxeserver.dhcp.codec import MessageType, Option, Packet  # noqa: E402
+from pxeserver.dhcp.server import DhcpService  # noqa: E402
 from pxeserver.mac import XEN_OUI, MacAddress  # noqa: E402
 
 PREFIX = 20  # 10.77.0.0/20: room for a few thousand reservations

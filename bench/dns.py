@@ -29,8 +29,7 @@ from pathlib import Path
 
 from child import serve_until_stdin_closes
 
-from pxeserver import app
-from pxeserver import config as configuration
+from pxeserver import app, config as configuration
 from pxeserver.dns import DnsService
 from pxeserver.mac import XEN_OUI, MacAddress
 from pxeserver.registry import Host

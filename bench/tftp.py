@@ -41,6 +41,7 @@ DNSMASQ_ADDRESS = "127.69.0.1"
 def serve_ours(root: str, data_dir: str) -> None:
     """Child process: run pxeserver's TFTP service until stdin closes; print its port."""
     from child import serve_until_stdin_closes
+
     from pxeserver.config import Config
     from pxeserver.tftp import TftpService
 
@@ -152,7 +153,8 @@ def main() -> None:
     servers = start_servers(root, data_dir)
     ours = servers[0]
     workloads: list[tuple[str, Callable[[Server], tuple[float, int]]]] = [
-        (f"(a) 40 MB, blksize {size}", lambda s, size=size: timed(s, [Job("images/initrd.img", {"blksize": str(size)})]))
+        (f"(a) 40 MB, blksize {size}",
+         lambda s, size=size: timed(s, [Job("images/initrd.img", {"blksize": str(size)})]))
         for size in (512, 1468, 8192)
     ]
     workloads += [
@@ -160,7 +162,8 @@ def main() -> None:
         (f"(b) {300 // scale} x 1 MB, blksize 1468", lambda s: timed(
             s, [Job("images/one-mb", {"blksize": "1468"}, ip) for ip in sources(300 // scale)])),
         (f"(c) {len(configs)} config fetches", lambda s: timed(
-            s, [Job(name, {"tsize": "0", "blksize": "1408"}, ip) for name, ip in zip(configs, sources(len(configs)))])),
+            s, [Job(name, {"tsize": "0", "blksize": "1408"}, ip)
+                for name, ip in zip(configs, sources(len(configs)), strict=True)])),
         (f"    {2000 // scale} x 64 KB sessions", lambda s: timed(
             s, [Job("images/pxelinux.0", {"blksize": "1468"}, ip) for ip in sources(2000 // scale)])),
     ]

@@ -86,7 +86,8 @@ class BootConfigWriter:
 
     def write_default(self) -> Path:
         spec = self.policy.default_spec()
-        return self._write(self.directory / "default", pxelinux.render(spec, comment="unknown hosts, written by pxeserver"))
+        text = pxelinux.render(spec, comment="unknown hosts, written by pxeserver")
+        return self._write(self.directory / "default", text)
 
     def _write(self, path: Path, text: str) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)

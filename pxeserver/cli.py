@@ -64,9 +64,9 @@ def _print_json(data: Any) -> None:
 
 
 def _print_table(rows: list[list[str]], headers: list[str]) -> None:
-    widths = [max(len(str(v)) for v in column) for column in zip(headers, *rows)]
+    widths = [max(len(str(v)) for v in column) for column in zip(headers, *rows, strict=True)]
     for row in [headers, *rows]:
-        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _parse_vars(values: tuple[str, ...]) -> dict[str, Any]:
@@ -309,15 +309,21 @@ def domu_config(ctx: click.Context, mac: str, output: str | None, **overrides: A
 @cli.command("build-pypxeboot")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The file to write, e.g. /usr/local/bin/pypxeboot on a dom0.")
-def build_pypxeboot(output: Path) -> None:
+@click.option("--print-sha256", is_flag=True,
+              help="Print only the file's SHA-256, as sha256sum does, to check a copy fetched from "
+                   "GET /dom0/pypxeboot against.")
+def build_pypxeboot(output: Path, print_sha256: bool) -> None:
     """Write pypxeboot as one executable file that needs only the dom0's python3."""
     from pxeserver.dom0 import INTERPRETER, build_pypxeboot as build
 
     try:
-        size = build(output)
+        archive = build(output)
     except OSError as exc:
         _fail(f"cannot write {output}: {exc.strerror}")
-    click.echo(f"wrote {output} ({size} bytes): copy it to each dom0, it runs with {INTERPRETER}")
+    if print_sha256:
+        click.echo(f"{archive.sha256}  {output}")
+    else:
+        click.echo(f"wrote {output} ({len(archive.data)} bytes): copy it to each dom0, it runs with {INTERPRETER}")
 
 
 @cli.command()

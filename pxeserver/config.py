@@ -89,6 +89,8 @@ class HttpSection:
     idle_timeout: int = 15
     max_connections: int = 1000  # open connections from all clients together
     max_connections_per_address: int = 32  # open connections from one client address
+    # GET /dom0/pypxeboot: the file `pxeserver build-pypxeboot` writes, for a dom0 to fetch.
+    serve_pypxeboot: bool = True
 
 
 @dataclass
@@ -125,6 +127,17 @@ class ApiSection:
     # Template variables never shown by the API or the CLI, besides any named like *password*,
     # *secret*, *token* or *key* (models.SECRET_VAR).
     secret_vars: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DashboardSection:
+    # A host in netbooting or installing with no event for this long is marked stalled.
+    stalled_after: int = 1800  # seconds
+    page_size: int = 100  # hosts per page of the hosts table
+    # Live-update streams held open at once, each on one of the HTTP service's threads; a page
+    # over the limit, and every stream after stream_seconds, reconnects by itself.
+    max_streams: int = 8
+    stream_seconds: int = 25
 
 
 @dataclass
@@ -168,6 +181,7 @@ class Config:
     xen: XenSection = field(default_factory=XenSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     imports: ImportsSection = field(default_factory=ImportsSection)
+    dashboard: DashboardSection = field(default_factory=DashboardSection)
     base_dir: Path = field(default_factory=Path.cwd)
     source: str = "built-in defaults"
 
@@ -215,7 +229,8 @@ def _default_route_address() -> str:
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.connect(("192.0.2.1", 9))  # TEST-NET-1: routed, never contacted
-            return probe.getsockname()[0]
+            address: str = probe.getsockname()[0]
+            return address
     except OSError:
         return "127.0.0.1"
 
@@ -363,6 +378,12 @@ def validate(config: Config) -> None:
                            ("idle_timeout", 1, 3600), ("max_connections", 1, 1_000_000),
                            ("max_connections_per_address", 1, config.http.max_connections)):
         _range(config, "http", key, low, high)
+    for key, low, high in (("stalled_after", 1, 30 * 86400), ("page_size", 10, 1000),
+                           ("max_streams", 1, 1000), ("stream_seconds", 1, 3600)):
+        _range(config, "dashboard", key, low, high)
+    if config.dashboard.max_streams >= config.http.threads:
+        _fail("dashboard", "max_streams", f"must be less than [http] threads "
+                                          f"({config.http.threads}), not {config.dashboard.max_streams}")
 
     dhcp = config.dhcp
     if dhcp.mode not in ("full", "proxy"):
@@ -467,7 +488,8 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: {exc}") from None
         for key, values in data.items():
-            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api", "xen", "metrics", "imports"):
+            if key not in ("server", "boot", "tftp", "http", "dhcp", "dns", "api", "xen", "metrics",
+                           "imports", "dashboard"):
                 raise ConfigError(f"{file}: unknown section [{key}]")
             _apply(getattr(config, key), values, f"{file}: [{key}]")
         config.base_dir = file.resolve().parent

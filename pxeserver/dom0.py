@@ -8,18 +8,30 @@ installed package, so the file runs on the dom0's own ``python3`` with nothing i
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-import shutil
+import stat
 import subprocess
 import sys
-import tempfile
-import zipapp
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 INTERPRETER = "/usr/bin/python3"  # xl runs the bootloader directly: no PATH lookup to trust
 _PACKAGES = ("pxeserver", "tftpy")
+_MAIN = "# -*- coding: utf-8 -*-\nimport pxeserver.pypxeboot\npxeserver.pypxeboot.main()\n"  # as zipapp writes it
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can carry
 _PROBE = ("import json, sys, pxeserver.pypxeboot; print(json.dumps({name: module.__file__ for name, module "
           f"in list(sys.modules.items()) if name.split('.')[0] in {_PACKAGES!r}}}))")
+
+
+@dataclass(frozen=True)
+class Archive:
+    """The built file and its SHA-256 (hex), which the admin compares after a download."""
+
+    data: bytes
+    sha256: str
 
 
 def modules() -> dict[Path, str]:
@@ -33,12 +45,29 @@ def modules() -> dict[Path, str]:
     return files
 
 
-def build_pypxeboot(target: Path) -> int:
-    """Write the zipapp to ``target`` (executable, ``#!/usr/bin/python3``); returns its size."""
-    with tempfile.TemporaryDirectory() as staging:
-        for source, name in modules().items():
-            (Path(staging) / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, Path(staging) / name)
-        zipapp.create_archive(staging, target, interpreter=INTERPRETER, main="pxeserver.pypxeboot:main",
-                              compressed=True)
-    return target.stat().st_size
+def pypxeboot_archive() -> Archive:
+    """The zipapp in memory: a ``#!/usr/bin/python3`` line, then a zip of :func:`modules`.
+
+    zipapp would record each staged file's mtime, mode and directory order, so every build
+    would differ; entries here are sorted, dated 1980-01-01 and mode 0644, so the same sources
+    give the same bytes and an admin can check a download against a checksum computed here.
+    """
+    buffer = io.BytesIO()
+    buffer.write(b"#!" + INTERPRETER.encode() + b"\n")
+    entries = sorted((name, source.read_bytes()) for source, name in modules().items())
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in [*entries, ("__main__.py", _MAIN.encode())]:
+            info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, data)
+    data = buffer.getvalue()
+    return Archive(data, hashlib.sha256(data).hexdigest())
+
+
+def build_pypxeboot(target: Path) -> Archive:
+    """Write the zipapp to ``target``, executable (by its owner, as zipapp makes it)."""
+    archive = pypxeboot_archive()
+    target.write_bytes(archive.data)
+    target.chmod(target.stat().st_mode | stat.S_IEXEC)
+    return archive

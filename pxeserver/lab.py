@@ -263,7 +263,7 @@ def _wait_for_banner(log: Path, server: subprocess.Popen[bytes]) -> None:
         time.sleep(0.2)
 
 
-def _watch(console: Path, qemu: subprocess.Popen[bytes], context: app.Context, until: str,
+def _watch(console: Path, qemu: subprocess.Popen[bytes], context: app.Context, until: str | None,
            timeout: float) -> bool:
     """Copy the guest's console to the terminal and the host's new timeline events between
     its lines, until the host reaches status ``until``, QEMU exits, or ``timeout`` passes."""

@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from pxeserver.bootspec import BootSpec, LocalBoot, NetBoot
@@ -42,7 +42,7 @@ class NameRecord:
     expires: float | None = None
 
 
-class AutoinstallKind(str, Enum):
+class AutoinstallKind(StrEnum):
     KICKSTART = "kickstart"
     PRESEED = "preseed"
 

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 
+from pxeserver.feed import EventFeed
 from pxeserver.mac import MacAddress
 from pxeserver.registry import Event, Store, Unavailable
 
@@ -26,15 +27,21 @@ class Timeline:
     def __init__(self, store: Store, keep_per_host: int = 1000) -> None:
         self.store = store
         self.keep_per_host = keep_per_host
+        self.feed = EventFeed()  # every event as it is recorded, for the dashboard's live pages
         self._queue: queue.Queue[Event | threading.Event | None] = queue.Queue(maxsize=100_000)
         self._writer = threading.Thread(target=self._run, name="timeline", daemon=True)
         self._writer.start()
 
     def record(self, mac: MacAddress, source: str, message: str) -> None:
+        event = Event(mac, time.time(), source, message)
         try:
-            self._queue.put_nowait(Event(mac, time.time(), source, message))
+            self._queue.put_nowait(event)
         except queue.Full:
             log.warning("timeline queue full: dropped %s event for %s", source, mac)
+            return
+        # Live pages see it now, not after the batched commit: under a boot storm the writer
+        # waits its turn for the registry's write lock, which would be the pages' lag.
+        self.feed.publish((event,))
 
     def flush(self) -> None:
         """Return once every event recorded before the call is stored."""

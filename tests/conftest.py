@@ -23,6 +23,9 @@ from pxeserver import app
 from pxeserver.config import Config
 from pxeserver.service import Service
 
+# Support modules whose fixtures (dns, client, start_server) every test module may request.
+pytest_plugins = ["dhcp_support", "dns_support", "tftp_support"]
+
 REPO = Path(__file__).resolve().parent.parent
 ServiceT = TypeVar("ServiceT", bound=Service)
 

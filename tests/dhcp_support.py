@@ -12,10 +12,16 @@ from __future__ import annotations
 import ctypes
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
+
+from pxeserver import app
+from pxeserver.config import Config
+from pxeserver.dhcp.server import DhcpService
 
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -25,6 +31,7 @@ RELAY_IP = "10.77.0.2"  # the client side's own address, used when it plays a re
 SUBNET = "10.77.0.0/24"
 SERVER_IF = "dhs0"
 CLIENT_IF = "dhc0"
+DNS_SERVER = "10.77.0.53"
 
 
 def run(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -94,3 +101,30 @@ def udhcpc(link: Link, tmp_path: Path, attempts: int = 3) -> dict[str, str] | No
     if not out.exists():
         return None
     return dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+
+
+@pytest.fixture
+def start_server(link: Link, config: Config) -> Iterator[Callable[..., app.Context]]:
+    """Start the service inside the server namespace with DHCP settings for the veth link."""
+    started: list[tuple[DhcpService, app.Context]] = []
+
+    def start(**dhcp: object) -> app.Context:
+        config.server.address = SERVER_IP
+        section = config.dhcp
+        section.enabled, section.interface, section.address, section.port = True, SERVER_IF, "0.0.0.0", 67
+        section.subnet, section.router, section.dns_servers = SUBNET, SERVER_IP, [DNS_SERVER]
+        for key, value in dhcp.items():
+            setattr(section, key, value)
+        context = app.build(config)
+        context.provisioning.add_profile(
+            {"name": "deb", "kernel": "images/deb/linux", "initrd": "images/deb/initrd.gz"})
+        service = DhcpService(context)
+        with inside(link.server_ns):
+            service.start()
+        started.append((service, context))
+        return context
+
+    yield start
+    for service, context in started:
+        service.stop()
+        context.close()

@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from conftest import REPO
 from dhcp_support import run
 
 from pxeserver.lab import INSTALLER, SERVER_IF, SERVER_IP, Network, network, prepare_server, qemu_command
-
-from conftest import REPO
 
 ARTIFACTS = REPO / "test-artifacts"
 CAPTURES = REPO / "tests" / "data"

@@ -74,8 +74,10 @@ BAD_REQUESTS = [
     ("post", "/api/hosts", {"mac": "00:16:3e:aa:bb:cc", "hostname": "x", "profile": "deb", "ip": "1.2.3"}, 400, "IPv4"),
     ("post", "/api/hosts", {"mac": 12, "hostname": "x", "profile": "deb"}, 400, "string"),
     ("post", "/api/hosts", {"mac": "00:16:3e:aa:bb:cc", "hostname": ["x"], "profile": "deb"}, 400, "string"),
-    ("post", "/api/hosts", {"mac": "00:16:3e:aa:bb:cc", "hostname": "x", "profile": "deb", "netboot": 1}, 400, "true or false"),
-    ("post", "/api/hosts", {"mac": "00:16:3e:aa:bb:cc", "hostname": "x", "profile": "deb", "status": "installed"}, 400, "unknown host field"),
+    ("post", "/api/hosts", {"mac": "00:16:3e:aa:bb:cc", "hostname": "x", "profile": "deb", "netboot": 1}, 400,
+     "true or false"),
+    ("post", "/api/hosts", {"mac": "00:16:3e:aa:bb:cc", "hostname": "x", "profile": "deb", "status": "installed"}, 400,
+     "unknown host field"),
     ("post", "/api/hosts", ["not", "an", "object"], 400, "object"),
     ("post", "/api/hosts", None, 400, "JSON"),
     ("post", "/api/profiles", {**PROFILE, "name": "x", "autoinstall": "../../etc/passwd"}, 400, "not a path"),
@@ -96,7 +98,10 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("method, url, body, status, message", BAD_REQUESTS)
 def test_bad_requests_get_a_clear_error_and_change_nothing(client, method, url, body, status, message) -> None:
     before = snapshot(client)
-    kwargs = {"json": body} if body is not None else {"data": "{not json", "content_type": "application/json"} if method == "post" else {}
+    if body is not None:
+        kwargs = {"json": body}
+    else:
+        kwargs = {"data": "{not json", "content_type": "application/json"} if method == "post" else {}
     response = getattr(client, method)(url, **kwargs)
     assert response.status_code == status
     assert message in response.get_json()["error"]

@@ -117,7 +117,8 @@ def test_hostile_xen_fields_are_refused_and_nothing_changes(ctx: Context, base: 
 @pytest.mark.parametrize("disk, canonical", [
     ("phy:/dev/vg_domu/web1,xvda,w", "format=raw,vdev=xvda,access=rw,target=/dev/vg_domu/web1"),
     ("/dev/vg_domu/web1,,xvdb", "format=raw,vdev=xvdb,access=rw,target=/dev/vg_domu/web1"),
-    ("/var/lib/xen/images/web1.qcow2,qcow2,xvda,ro", "format=qcow2,vdev=xvda,access=ro,target=/var/lib/xen/images/web1.qcow2"),
+    ("/var/lib/xen/images/web1.qcow2,qcow2,xvda,ro",
+     "format=qcow2,vdev=xvda,access=ro,target=/var/lib/xen/images/web1.qcow2"),
     ("format=raw, vdev=xvda, access=rw, devtype=disk, target=/var/lib/xen/images//web1.img",
      "format=raw,vdev=xvda,access=rw,target=/var/lib/xen/images/web1.img"),
 ])

@@ -42,7 +42,7 @@ def parse_like_original_pypxeboot(text: str) -> dict[str, object]:
         elif keyword == "append" and current is not None:
             pairs = [w.split("=") for w in words[1:]]
             current["append"] = {p[0]: p[1] for p in pairs if len(p) == 2}
-            current["broken"] = [w for w, p in zip(words[1:], pairs) if len(p) != 2]
+            current["broken"] = [w for w, p in zip(words[1:], pairs, strict=True) if len(p) != 2]
     return labels[default]
 
 

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from dhcp_support import (
     CLIENT_IF,
     RELAY_IP,
@@ -29,8 +30,6 @@ from dhcp_support import (
     udhcpc,
     veth_link,
 )
-
-from conftest import REPO
 
 pytestmark = [
     pytest.mark.slow,

@@ -54,7 +54,8 @@ def test_profile_and_host_lifecycle(workdir: Path) -> None:
         False, "file not found", None)
     mac = run(workdir, "host", "add", "--hostname", "web1", "--profile", "deb").stdout.strip()
     assert mac.startswith("00:16:3e:")
-    run(workdir, "host", "add", "--mac", "00-16-3E-AA-BB-CC", "--hostname", "web2", "--profile", "deb", "--ip", "10.0.0.20")
+    run(workdir, "host", "add", "--mac", "00-16-3E-AA-BB-CC", "--hostname", "web2", "--profile", "deb",
+        "--ip", "10.0.0.20")
     shown = json.loads(run(workdir, "host", "show", "00163eaabbcc").stdout)
     assert (shown["mac"], shown["ip"], shown["status"]) == ("00:16:3e:aa:bb:cc", "10.0.0.20", "registered")
     config = (workdir / "tftproot" / "pxelinux.cfg" / "01-00-16-3e-aa-bb-cc").read_text()
@@ -165,7 +166,8 @@ BAD = [
 
 
 @pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _) in enumerate(BAD)])
-def test_bad_input_exits_nonzero_with_one_line_and_changes_nothing(workdir: Path, args: list[str], message: str) -> None:
+def test_bad_input_exits_nonzero_with_one_line_and_changes_nothing(workdir: Path, args: list[str],
+                                                                   message: str) -> None:
     run(workdir, "profile", "add", "deb", "--kernel", "k", "--initrd", "i")
     run(workdir, "host", "add", "--mac", "00:16:3e:aa:bb:cc", "--hostname", "web1", "--profile", "deb")
     before = state(workdir)
@@ -183,7 +185,8 @@ def test_broken_config_file_is_one_clear_line(workdir: Path) -> None:
 
 
 @pytest.mark.parametrize("text, message", [
-    ('[xen]\ndisk_roots = ["dev/vg_domu/"]\n', "[xen] disk_roots must be absolute paths without '..', not 'dev/vg_domu/'"),
+    ('[xen]\ndisk_roots = ["dev/vg_domu/"]\n',
+     "[xen] disk_roots must be absolute paths without '..', not 'dev/vg_domu/'"),
     ('[xen]\ndisk_roots = ["/dev/vg_domu/../"]\n', "[xen] disk_roots"),
     ('[http]\nautoinstall_trusted_networks = ["10.0.0.0/33"]\n', "[http] autoinstall_trusted_networks"),
     ('[http]\nautoinstall_trusted_networks = [5]\n', "[http] autoinstall_trusted_networks"),

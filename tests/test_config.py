@@ -20,8 +20,9 @@ BASE: dict[str, dict[str, Any]] = {
     "dns": {"address": "127.0.0.1", "port": 0},
 }
 
+# section, key, value, what the one line must say
 BAD: list[tuple[str, str, Any, str]] = [
-    ("dhcp", "dns_servers", "10.0.0.2", "[dhcp] dns_servers must be a list, not '10.0.0.2'"),  # section, key, value, what the one line must say
+    ("dhcp", "dns_servers", "10.0.0.2", "[dhcp] dns_servers must be a list, not '10.0.0.2'"),
     ("server", "address", "10.0.0", "[server] address must be an IPv4 address"),
     ("server", "address", "0.0.0.0", "[server] address must be an address clients can use"),
     ("server", "data_dir", "", "[server] data_dir must be a directory path"),
@@ -118,7 +119,8 @@ def test_each_bad_key_is_one_line_naming_it(tmp_path: Path, section: str, key: s
     assert_one_line(serve_with(tmp_path, section, {key: value}), expected, tmp_path)
 
 
-@pytest.mark.parametrize("values, expected", POOLS, ids=[e.split(" must")[0] + str(i) for i, (_, e) in enumerate(POOLS)])
+@pytest.mark.parametrize("values, expected", POOLS,
+                         ids=[e.split(" must")[0] + str(i) for i, (_, e) in enumerate(POOLS)])
 def test_dhcp_keys_that_must_agree(tmp_path: Path, values: dict[str, Any], expected: str) -> None:
     assert_one_line(serve_with(tmp_path, "dhcp", values), expected, tmp_path)
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from dhcp_support import CLIENT_IF, RELAY_IP, SERVER_IP, Link, can_make_namespaces, inside, run, udhcpc, veth_link
 from scapy.layers.dhcp import BOOTP, DHCP
-from test_dhcp_clients import HOST_MAC, register, request, start_server  # noqa: F401  (a fixture)
+from test_dhcp_clients import HOST_MAC, register, request
 
 from pxeserver.mac import MacAddress
 

@@ -7,16 +7,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 from dhcp_support import (
     CLIENT_IF,
+    DNS_SERVER,
     RELAY_IP,
     SERVER_IF,
     SERVER_IP,
-    SUBNET,
     Link,
     can_make_namespaces,
     inside,
@@ -26,7 +25,6 @@ from dhcp_support import (
 from scapy.layers.dhcp import BOOTP, DHCP
 
 from pxeserver import app
-from pxeserver.config import Config
 from pxeserver.dhcp.server import DhcpService
 from pxeserver.mac import MacAddress
 from pxeserver.registry import Status
@@ -38,40 +36,12 @@ pytestmark = [
 
 HOST_MAC = "00:16:3e:12:34:56"
 HOST_IP = "10.77.0.10"
-DNS_SERVER = "10.77.0.53"
 
 
 @pytest.fixture(scope="module")
 def link() -> Iterator[Link]:
     with veth_link("pxd") as made:
         yield made
-
-
-@pytest.fixture
-def start_server(link: Link, config: Config) -> Iterator[Callable[..., app.Context]]:
-    """Start the service inside the server namespace with DHCP settings for the veth link."""
-    started: list[tuple[DhcpService, app.Context]] = []
-
-    def start(**dhcp: object) -> app.Context:
-        config.server.address = SERVER_IP
-        section = config.dhcp
-        section.enabled, section.interface, section.address, section.port = True, SERVER_IF, "0.0.0.0", 67
-        section.subnet, section.router, section.dns_servers = SUBNET, SERVER_IP, [DNS_SERVER]
-        for key, value in dhcp.items():
-            setattr(section, key, value)
-        context = app.build(config)
-        context.provisioning.add_profile(
-            {"name": "deb", "kernel": "images/deb/linux", "initrd": "images/deb/initrd.gz"})
-        service = DhcpService(context)
-        with inside(link.server_ns):
-            service.start()
-        started.append((service, context))
-        return context
-
-    yield start
-    for service, context in started:
-        service.stop()
-        context.close()
 
 
 def register(context: app.Context, mac: str = HOST_MAC, ip: str | None = HOST_IP,

@@ -13,8 +13,7 @@ from collections.abc import Iterator
 import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 
-from pxeserver import app
-from pxeserver import config as config_module
+from pxeserver import app, config as config_module
 from pxeserver.config import Config
 from pxeserver.dhcp import leases
 from pxeserver.dhcp.responder import Reply, Responder
@@ -268,7 +267,7 @@ def test_unknown_macs_hold_at_most_their_share_and_registered_hosts_come_first(c
         answered = [ask(responder, packet("discover", mac=m)) for m in strangers]
         assert sum(a is not None for a in answered) == 4  # half of the pool
         assert responder.leases.unknown_holdings() == 4
-        offered = [(mac, got[0].yiaddr) for mac, got in zip(strangers, answered) if got is not None]
+        offered = [(mac, got[0].yiaddr) for mac, got in zip(strangers, answered, strict=True) if got is not None]
         # Two bind what they were offered; none can bind anything more.
         for mac, ip in offered[:2]:
             assert ask(responder, packet("request", ("requested_addr", ip), mac=mac))[1]["message-type"] == 5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from dns_support import DOMAIN, dig, dns  # noqa: F401  (dns is a fixture)
+from dns_support import DOMAIN, dig
 
 from pxeserver.app import Context
 from pxeserver.dns import DnsService

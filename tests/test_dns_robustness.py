@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from dns_support import DOMAIN, dig, dns  # noqa: F401  (dns is a fixture)
+from dns_support import DOMAIN, dig
 from dnslib import RCODE, DNSRecord
 
 from pxeserver.app import Context

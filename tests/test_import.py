@@ -23,8 +23,8 @@ import struct
 import subprocess
 import sys
 import tarfile
-import termios
 import tempfile
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -309,7 +309,8 @@ def test_netboot_tarball_with_internal_symlinks(tmp_path: Path, workdir: Path) -
         assert any(m.issym() for m in tar.getmembers())
     result = run(workdir, "import", "tarball", str(archive))
     assert "found Debian installer (debian-installer/amd64/)" in result.stderr
-    assert (workdir / "tftproot" / "images" / "tarball" / "initrd.gz").read_bytes() == (DEBIAN_FILES / "initrd.gz").read_bytes()
+    published = workdir / "tftproot" / "images" / "tarball" / "initrd.gz"
+    assert published.read_bytes() == (DEBIAN_FILES / "initrd.gz").read_bytes()
 
 
 @pytest.mark.parametrize("member, kind, target", [
@@ -383,8 +384,8 @@ def test_treeinfo_checksum_mismatch_is_refused(tmp_path: Path, workdir: Path) ->
     contents = redhat_tree(tmp_path / "tree", None)
     (tmp_path / "tree" / ".treeinfo").write_text(fedora_treeinfo(contents, wrong="images/pxeboot/initrd.img"))
     line = one_error_line(run(workdir, "import", "f40", str(tmp_path / "tree"), ok=False))
-    assert f"images/pxeboot/initrd.img: sha256 is {hashlib.sha256(contents['images/pxeboot/initrd.img']).hexdigest()}, " \
-           f"but .treeinfo says {'0' * 64}" in line
+    actual = hashlib.sha256(contents["images/pxeboot/initrd.img"]).hexdigest()
+    assert f"images/pxeboot/initrd.img: sha256 is {actual}, but .treeinfo says {'0' * 64}" in line
     assert_nothing_imported(workdir, "f40")
 
 
@@ -559,7 +560,8 @@ def test_api_import_shows_progress_and_needs_the_token(tmp_path: Path, config: C
         assert job["result"]["profile"]["append"] == "console=xvc0"
         assert client.get("/api/profiles/centos5/files").status_code == 401
         files = client.get("/api/profiles/centos5/files", headers=admin).get_json()
-        assert (files["kernel"]["size"], files["kernel"]["matches"], files["initrd"]["matches"]) == (4 << 20, True, True)
+        kernel, initrd = files["kernel"], files["initrd"]
+        assert (kernel["size"], kernel["matches"], initrd["matches"]) == (4 << 20, True, True)
         served = client.get("/boot/images/centos5/vmlinuz")  # what pypxeboot and iPXE fetch
         assert served.status_code == 200 and served.data == contents["images/xen/vmlinuz"]
         late = client.post("/api/profiles", headers=admin, json={"name": "late", "kernel": "images/late/k",
@@ -629,7 +631,8 @@ class _LyingHandler(_QuietHandler):
         self.close_connection = True
 
 
-@pytest.mark.parametrize("mode, message", [("endless", "is longer than its"), ("short", "is truncated: 131072 of 262144 bytes")])
+@pytest.mark.parametrize("mode, message", [("endless", "is longer than its"),
+                                           ("short", "is truncated: 131072 of 262144 bytes")])
 def test_a_lying_http_server_is_refused(tmp_path: Path, workdir: Path, mode: str, message: str) -> None:
     redhat_tree(tmp_path / "centos", CENTOS5_TREEINFO)
     handler = type("Lying", (_LyingHandler,), {"mode": mode})

@@ -196,7 +196,8 @@ def test_a_flood_of_unknown_macs_stores_nothing_and_timelines_stay_capped(ctx: C
     for number in range(5000):
         unknown = MacAddress.random_xen({MacAddress.parse(MAC)})
         path = (f"/ks/{unknown}", f"/preseed/{unknown.dashed}", f"/ipxe/{unknown}",
-                f"/api/hosts/{unknown}/installed?token=x", f"/ks/{MAC}", f"/api/hosts/{MAC}/installed?token=x")[number % 6]
+                f"/api/hosts/{unknown}/installed?token=x", f"/ks/{MAC}",
+                f"/api/hosts/{MAC}/installed?token=x")[number % 6]
         attacker.request("POST" if "installed" in path else "GET", path)
         response = attacker.getresponse()
         response.read()
@@ -209,7 +210,7 @@ def test_a_flood_of_unknown_macs_stores_nothing_and_timelines_stay_capped(ctx: C
     assert flood_seconds < 120, flood_seconds
     assert set(statuses) <= {200, 403, 404}, statuses  # /ipxe/ answers unknown MACs with the default
     # A DHCP or TFTP event for made-up MACs, as recorded off the packet path, is dropped too.
-    for number in range(1000):
+    for _ in range(1000):
         ctx.policy.record(MacAddress.random_xen({MacAddress.parse(MAC)}), "dhcp", "DISCOVER")
     ctx.timeline.flush()
     by_mac = dict(database_rows(ctx.config.database, "SELECT mac, COUNT(*) FROM events GROUP BY mac"))

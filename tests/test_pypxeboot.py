@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from pxeserver import pxelinux
-from pxeserver.mac import MacAddress
 from pxeserver.bootspec import LocalBoot, NetBoot
+from pxeserver.mac import MacAddress
 from pxeserver.pypxeboot import BootFailed, config_names, parse_words
 from pxeserver.tftp import TftpService
 

@@ -17,8 +17,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
+
 from pxeserver.mac import MacAddress
 from pxeserver.registry import SqliteStore
 

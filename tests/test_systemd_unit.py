@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 UNIT = REPO / "contrib" / "pxeserver.service"

@@ -10,15 +10,18 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from tftp_support import (
+    RawClient,
+    ack,
+    request,
+    running,
+)
 
 from pxeserver.app import Context
 from pxeserver.tftp import TftpService
 from pxeserver.tftp.cache import ENTRY_OVERHEAD, RACY_SECONDS, FileMemory, Packets, Slices
-from tftp_support import client  # noqa: F401 (a fixture)
-from tftp_support import RawClient, ack, request, running
 
 
 @pytest.fixture

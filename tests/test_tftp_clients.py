@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import tftpy
+from tftp_support import running
 
 from pxeserver.app import Context
 from pxeserver.mac import MacAddress
 from pxeserver.registry import Status
 from pxeserver.tftp import TftpService
-from tftp_support import running
 
 MAC_AS_TYPED = "AA:00:86:E2:35:72"  # pypxeboot keeps the case the user typed
 HOST_IP = "10.0.0.23"
@@ -126,7 +126,8 @@ def test_pxelinux_hex_ip_prefix_for_the_asking_client(ctx: Context, service: Tft
     assert curl(service.port, "pxelinux.cfg/C0A8", out).returncode != 0  # not this client's prefix
 
 
-def test_admin_file_under_pxelinux_cfg_is_the_fallback(ctx: Context, service: TftpService, root: Path, tmp_path: Path) -> None:
+def test_admin_file_under_pxelinux_cfg_is_the_fallback(ctx: Context, service: TftpService, root: Path,
+                                                        tmp_path: Path) -> None:
     (root / "pxelinux.cfg" / "01-00-16-3e-99-99-99").write_text("default hand-written\n")
     out = tmp_path / "config"
     assert pypxeboot_fetch(service.port, "pxelinux.cfg/01-00-16-3e-99-99-99", out)

@@ -21,14 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
+from tftp_support import RawClient, ack, error_of, request, running
+
 from pxeserver.app import Context
 from pxeserver.tftp import TftpService
 from pxeserver.tftp.cache import ENTRY_OVERHEAD, RACY_SECONDS
 from pxeserver.tftp.files import NetasciiStreamed
 from pxeserver.tftp.packets import netascii
-from tftp_support import RawClient, ack, error_of, request, running
 
 LOADER = os.urandom(100_000)
 

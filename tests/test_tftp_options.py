@@ -10,11 +10,15 @@ from pathlib import Path
 
 import pytest
 import tftpy
+from tftp_support import (
+    RawClient,
+    ack,
+    request,
+    running,
+)
 
 from pxeserver.app import Context
 from pxeserver.tftp import TftpService
-from tftp_support import client  # noqa: F401 (a fixture)
-from tftp_support import RawClient, ack, request, running
 
 SIZE = 5000
 

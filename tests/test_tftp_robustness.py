@@ -12,11 +12,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tftp_support import (
+    DATA,
+    WRQ,
+    RawClient,
+    ack,
+    error_of,
+    request,
+    running,
+)
 
 from pxeserver.app import Context
 from pxeserver.tftp import TftpService
-from tftp_support import client  # noqa: F401 (a fixture)
-from tftp_support import DATA, WRQ, RawClient, ack, error_of, request, running
 
 
 @pytest.fixture
@@ -55,13 +62,15 @@ def error_for(client: RawClient, packet: bytes) -> tuple[int, str] | None:
     (b"\x00\x01caf\xc3\xa9\x00octet\x00", 1),  # valid UTF-8, no such file
     (b"\x00\x01\xff\xfe\x80\x00octet\x00", 1),  # not UTF-8 at all
 ])
-def test_malformed_requests_get_the_right_error(service: TftpService, client: RawClient, packet: bytes, code: int) -> None:
+def test_malformed_requests_get_the_right_error(service: TftpService, client: RawClient, packet: bytes,
+                                                code: int) -> None:
     error = error_for(client, packet)
     assert error is not None and error[0] == code, error
     still_serves(service.port)
 
 
-@pytest.mark.parametrize("packet", [b"", b"\x00", b"\x00\x03\x00\x01data", b"\x00\x04\x00\x01", b"\x00\x05\x00\x00x\x00"])
+@pytest.mark.parametrize("packet", [
+    b"", b"\x00", b"\x00\x03\x00\x01data", b"\x00\x04\x00\x01", b"\x00\x05\x00\x00x\x00"])
 def test_stray_and_tiny_packets_are_dropped(service: TftpService, client: RawClient, packet: bytes) -> None:
     client.send(packet)
     assert client.silent_for(0.3)

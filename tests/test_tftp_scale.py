@@ -7,9 +7,9 @@ import socket
 import time
 
 import pytest
+from tftp_support import Job, RawClient, ack, drive, error_of, request, running, sources
 
 from pxeserver.app import Context
-from tftp_support import Job, RawClient, ack, drive, error_of, request, running, sources
 
 
 def open_sessions(port: int, count: int, name: str) -> list[tuple[socket.socket, tuple[str, int]]]:

@@ -133,7 +133,8 @@ def test_patches_and_callbacks_racing_on_many_hosts_lose_nothing(ctx: Context) -
 def test_a_patch_names_only_its_fields_and_a_conflict_changes_nothing(ctx: Context) -> None:
     ctx.provisioning.add_profile(PROFILE)
     first = ctx.provisioning.add_host({"mac": mac_of(1), "hostname": "one", "profile": "centos5",
-                                       "ip": "10.0.0.5", "xen": {"memory": 2048, "disk": "/var/lib/xen/images/one.img"}})
+                                       "ip": "10.0.0.5",
+                                       "xen": {"memory": 2048, "disk": "/var/lib/xen/images/one.img"}})
     ctx.provisioning.add_host({"mac": mac_of(2), "hostname": "two", "profile": "centos5"})
     updated = ctx.provisioning.update_host(first.mac, {"xen": {"vcpus": 4}, "netboot": False})
     assert updated.xen.to_dict() == {"memory": 2048, "vcpus": 4, "bridge": "xenbr0",

@@ -32,7 +32,7 @@ def running(context: Context) -> AbstractContextManager[TftpService]:
 
 @pytest.fixture
 def client(service: TftpService) -> Iterator[RawClient]:
-    """A raw client of the module's ``service`` fixture (import it into the test module)."""
+    """A raw client of the module's ``service`` fixture (a plugin of conftest.py)."""
     raw = RawClient(service.port)
     yield raw
     raw.close()
@@ -89,7 +89,8 @@ class RawClient:
         self.send(packet)
         return self.recv()
 
-    def download(self, name: str, mode: str = "octet", **options: object) -> tuple[bytes, dict[str, str] | None, list[int]]:
+    def download(self, name: str, mode: str = "octet",
+                 **options: object) -> tuple[bytes, dict[str, str] | None, list[int]]:
         """Fetch in lockstep (or by windows); returns data, the OACK (if any), wire block numbers."""
         reply, tid = self.ask(request(name, mode, **options))
         oack = None

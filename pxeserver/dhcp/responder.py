@@ -209,7 +209,7 @@ class Responder:
         return Reply(codec.encode(reply), self._destination(packet))
 
     def _nak(self, packet: Packet, message: str) -> Reply:
-        options = {
+        options: dict[int, bytes] = {
             Option.MESSAGE_TYPE: bytes((MessageType.NAK,)),
             Option.SERVER_ID: self._common[Option.SERVER_ID],
             Option.MESSAGE: message.encode(),
@@ -234,7 +234,7 @@ class Responder:
         """
         if not packet.options.get(Option.VENDOR_CLASS, b"").startswith(b"PXEClient"):
             return None
-        options = {
+        options: dict[int, bytes] = {
             Option.SERVER_ID: self._common[Option.SERVER_ID],
             Option.VENDOR_CLASS: b"PXEClient",
             Option.VENDOR_SPECIFIC: PXE_VENDOR_OPTIONS,

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from dnslib import CLASS, OPCODE, QTYPE, RCODE, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, EDNS0
+from dnslib import CLASS, EDNS0, OPCODE, QTYPE, RCODE, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 from dnslib.label import DNSBuffer
 
 from pxeserver.dns.zone import NOERROR, REFUSED, Answer, Name, Zone, ZoneSettings, name_wire
@@ -160,13 +160,14 @@ class _BoundedBuffer(DNSBuffer):
     """
 
     MAX_POINTERS = 16  # real queries use none in the question, one or two in a signature
+    offset: int  # DNSBuffer's read position
 
     def decode_name(self, last: int = -1) -> DNSLabel:
         data = self.data
         labels: list[bytes] = []
         size = 1
-        position = self.offset
-        resume = None
+        position: int = self.offset
+        resume: int | None = None
         for _ in range(self.MAX_POINTERS + 1):
             while True:  # ends: every pass moves forward by at least one byte or raises
                 if position >= len(data):

@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from pxeserver.app import Context
 from pxeserver.dns.forward import Forwarder
@@ -167,7 +168,10 @@ class DnsService:
                         continue
                     self._metrics.request("udp")
                     if isinstance(reply, Forward):
-                        self._forward(reply, lambda answer, to=client: send(answer, to))
+                        def deliver(answer: bytes, to: tuple[str, int] = client) -> None:
+                            send(answer, to)
+
+                        self._forward(reply, deliver)
                         continue
                     try:
                         send(reply, client)
@@ -202,7 +206,7 @@ class DnsService:
                     elif sock is self._tcp_wake[0]:
                         self._drain_wake()
                     else:
-                        self._service(connections[sock], events, connections)
+                        self._service(connections[cast(socket.socket, sock)], events, connections)
                 self._deliver_forwarded(connections)
                 self._expire(connections)
             for connection in list(connections.values()):

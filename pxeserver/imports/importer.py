@@ -154,7 +154,8 @@ def _copy(source: Source, layout: Layout, role: str, size: int, target: Path, pu
     done = 0
     progress.begin(target.name, size)
     try:
-        with source.open(path) as stream, open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+        created = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with source.open(path) as stream, open(created, "wb") as out:
             while chunk := read_chunk(stream, min(CHUNK, size + 1 - done), path, source):
                 done += len(chunk)
                 if done > size:

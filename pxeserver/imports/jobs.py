@@ -96,18 +96,19 @@ class ImportJobs:
         unknown = sorted(set(data) - {"name", "source", "arch", "autoinstall"})
         if unknown:
             raise ValidationError(f"unknown import field(s): {', '.join(unknown)}")
-        values = {key: data.get(key, default) for key, default in
-                  (("name", None), ("source", None), ("arch", "x86_64"), ("autoinstall", ""))}
-        for key, value in values.items():
+        values: dict[str, str] = {}
+        for key, default in (("name", None), ("source", None), ("arch", "x86_64"), ("autoinstall", "")):
+            value = data.get(key, default)
             if not isinstance(value, str):
                 raise ValidationError(f"{key} is required and must be a string")
+            values[key] = value
         validate_profile_name(values["name"])
         if values["arch"] not in ARCHES:
             raise ValidationError(f"arch must be one of {', '.join(ARCHES)}")
         if values["autoinstall"]:
             validate_template_name(values["autoinstall"])
         self._check_source(values["source"])
-        return Job(secrets.token_hex(8), **values)
+        return Job(secrets.token_hex(8), values["name"], values["source"], values["arch"], values["autoinstall"])
 
     def _check_source(self, source: str) -> None:
         if not source or len(source) > MAX_SOURCE_LENGTH or not source.isprintable():

@@ -21,7 +21,7 @@ import urllib.request
 import zlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import pycdlib
 from pycdlib.pycdlibexception import PyCdlibException
@@ -55,7 +55,7 @@ class Source(ABC):
     def open(self, path: str) -> BinaryIO:
         """The file's bytes; SourceError if it cannot be read."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - most sources hold nothing open
         """Release what the source holds open."""
 
     def __enter__(self) -> Source:
@@ -134,7 +134,8 @@ class IsoSource(Source):
             record = self._iso.get_record(**self._key(path))
         except PyCdlibException:
             return None
-        if record.is_dir() or (record.rock_ridge is not None and record.rock_ridge.is_symlink()):
+        rock_ridge = getattr(record, "rock_ridge", None)  # UDF records have none
+        if record.is_dir() or (rock_ridge is not None and rock_ridge.is_symlink()):
             return None
         return record.get_data_length()
 
@@ -184,7 +185,7 @@ class TarSource(Source):
         stream = self._tar.extractfile(member) if member is not None else None
         if stream is None:
             raise SourceError(f"{path} is not a file in {self.description}")
-        return stream
+        return cast(BinaryIO, stream)
 
     def close(self) -> None:
         self._tar.close()
@@ -205,7 +206,8 @@ class HttpSource(Source):
     def _request(self, path: str, method: str) -> http.client.HTTPResponse:
         request = urllib.request.Request(self._url(path), method=method,
                                          headers={"User-Agent": "pxeserver-import"})
-        return urllib.request.urlopen(request, timeout=HTTP_TIMEOUT)  # noqa: S310 - http(s) only
+        reply: http.client.HTTPResponse = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT)
+        return reply
 
     def size(self, path: str) -> int | None:
         key = _normal(path)
@@ -230,7 +232,7 @@ class HttpSource(Source):
             raise SourceError(f"{self._url(path)}: HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise SourceError(f"cannot reach {self._url(path)}: {getattr(exc, 'reason', exc)}") from None
-        return reply  # type: ignore[return-value]
+        return cast(BinaryIO, reply)
 
 
 def read_chunk(stream: BinaryIO, size: int, path: str, source: Source) -> bytes:

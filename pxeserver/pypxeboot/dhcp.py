@@ -68,7 +68,7 @@ def _await(sock: socket.socket, mac: MacAddress, xid: int, wanted: set[int], tim
         sock.settimeout(left)
         try:
             data, (address, _) = sock.recvfrom(4096)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return None
         try:
             reply = codec.parse(data)

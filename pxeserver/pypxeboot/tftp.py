@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from tftpy.TftpPacketFactory import TftpPacketFactory
-from tftpy.TftpPacketTypes import (TftpPacketACK, TftpPacketDAT, TftpPacketERR, TftpPacketOACK,
-                                   TftpPacketRRQ)
+from tftpy.TftpPacketTypes import TftpPacketACK, TftpPacketDAT, TftpPacketERR, TftpPacketOACK, TftpPacketRRQ
 from tftpy.TftpShared import TftpException
 
 BLKSIZE = 1468  # fits an Ethernet frame; 512-byte lockstep is 3x slower
@@ -130,7 +129,7 @@ class _Transfer:
             self.sock.settimeout(max(wait, 0.001))
             try:
                 data, source = self.sock.recvfrom(65536)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             if source[0] != self.server or (self.peer is not None and source != self.peer):
                 continue  # not the server we asked, or not this transfer's port: unread

@@ -10,9 +10,9 @@ import ipaddress
 import json
 import re
 import secrets
-from dataclasses import dataclass, field
-from enum import Enum
 from collections.abc import Collection
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from pxeserver.mac import InvalidMac, MacAddress
@@ -30,7 +30,7 @@ class Conflict(Exception):
     """A duplicate, or a change that would leave the registry inconsistent."""
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     REGISTERED = "registered"
     NETBOOTING = "netbooting"
     INSTALLING = "installing"
@@ -166,10 +166,10 @@ def validate_vars(value: object, key: str = "vars", keep: dict[str, Any] | None 
                 f"invalid variable name {name!r} in {key}: use letters, digits and '_'"
             )
     _check_var_values(value, key)
-    value = _unmasked(value, keep if keep is not None else _ABSENT, key)
-    if len(json.dumps(value)) > MAX_VARS_BYTES:
+    checked: dict[str, Any] = _unmasked(value, keep if keep is not None else _ABSENT, key)
+    if len(json.dumps(checked)) > MAX_VARS_BYTES:
         raise ValidationError(f"{key} is larger than {MAX_VARS_BYTES} bytes")
-    return dict(value)
+    return dict(checked)
 
 
 def _unmasked(new: Any, old: Any, where: str) -> Any:
@@ -183,8 +183,8 @@ def _unmasked(new: Any, old: Any, where: str) -> Any:
         base = old if isinstance(old, dict) else {}
         return {k: _unmasked(v, base.get(k, _ABSENT), f"{where}.{k}") for k, v in new.items()}
     if isinstance(new, list):
-        base = old if isinstance(old, list) else []
-        return [_unmasked(v, base[i] if i < len(base) else _ABSENT, f"{where}[{i}]")
+        earlier = old if isinstance(old, list) else []
+        return [_unmasked(v, earlier[i] if i < len(earlier) else _ABSENT, f"{where}[{i}]")
                 for i, v in enumerate(new)]
     return new
 

@@ -43,7 +43,7 @@ from pxeserver.registry.models import (
     ValidationError,
     XenSettings,
 )
-from pxeserver.registry.store import Change, Lease, Tally, Unavailable
+from pxeserver.registry.store import Change, HostSummary, Lease, Tally, Unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -589,6 +589,42 @@ class PostgresStore:
                 "SELECT * FROM (SELECT * FROM events WHERE mac = %s ORDER BY id DESC LIMIT %s) "
                 "AS newest ORDER BY id", (str(mac), limit)).fetchall()
         return [Event(mac, row["time"], row["source"], row["message"]) for row in rows]
+
+    # -- the dashboard (events change without a generation bump: always read) -----------------
+
+    def host_summaries(self) -> list[HostSummary]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT h.mac, h.hostname, h.ip, h.profile, h.netboot, h.status, e.time, e.source, "
+                "e.message FROM hosts h LEFT JOIN LATERAL (SELECT time, source, message FROM events "
+                "WHERE mac = h.mac ORDER BY id DESC LIMIT 1) e ON TRUE").fetchall()
+        summaries = []
+        for row in rows:
+            mac = MacAddress.parse(row["mac"])
+            last = None if row["time"] is None else Event(mac, row["time"], row["source"], row["message"])
+            summaries.append(HostSummary(mac, row["hostname"], row["ip"], row["profile"],
+                                         row["netboot"], Status(row["status"]), last))
+        return summaries
+
+    def status_counts(self, stalled_before: float) -> dict[str, int]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT h.status, COUNT(*) AS n, COUNT(*) FILTER (WHERE h.netboot AND h.status IN "
+                "('netbooting', 'installing') AND COALESCE((SELECT time FROM events WHERE mac = h.mac "
+                "ORDER BY id DESC LIMIT 1), 0) < %s) AS stalled FROM hosts h GROUP BY h.status",
+                (stalled_before,)).fetchall()
+        counts = {status.value: 0 for status in Status} | {"stalled": 0}
+        for row in rows:
+            counts[row["status"]] = row["n"]
+            counts["stalled"] += row["stalled"]
+        return counts
+
+    def recent_events(self, since: float, limit: int = 10_000) -> list[Event]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT * FROM (SELECT * FROM events ORDER BY id DESC LIMIT %s) AS newest "
+                "WHERE time >= %s ORDER BY id", (limit, since)).fetchall()
+        return [Event(MacAddress.parse(r["mac"]), r["time"], r["source"], r["message"]) for r in rows]
 
     # -- leases -------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from pxeserver.registry.models import (
     ValidationError,
     XenSettings,
 )
-from pxeserver.registry.store import Change, Lease, Tally
+from pxeserver.registry.store import Change, HostSummary, Lease, Tally
 
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
 MIGRATIONS: list[str] = [
@@ -393,6 +393,41 @@ class SqliteStore:
             (str(mac), limit),
         ).fetchall()
         return [Event(mac, row["time"], row["source"], row["message"]) for row in rows]
+
+    def host_summaries(self) -> list[HostSummary]:
+        rows = self._connection().execute(
+            "SELECT h.mac, h.hostname, h.ip, h.profile, h.netboot, h.status, e.time, e.source, "
+            "e.message FROM hosts h LEFT JOIN events e "
+            "ON e.id = (SELECT MAX(id) FROM events WHERE mac = h.mac)"
+        ).fetchall()
+        summaries = []
+        for mac_text, hostname, ip, profile, netboot, status, when, source, message in rows:
+            mac = MacAddress(bytes.fromhex(mac_text.replace(":", "")))  # stored canonical
+            last = None if when is None else Event(mac, when, source, message)
+            summaries.append(HostSummary(mac, hostname, ip, profile, bool(netboot), Status(status), last))
+        return summaries
+
+    def status_counts(self, stalled_before: float) -> dict[str, int]:
+        rows = self._connection().execute(
+            "SELECT h.status, COUNT(*), SUM(h.netboot = 1 AND h.status IN ('netbooting', "
+            "'installing') AND COALESCE((SELECT time FROM events WHERE id = (SELECT MAX(id) "
+            "FROM events WHERE mac = h.mac)), 0) < ?) FROM hosts h GROUP BY h.status",
+            (stalled_before,),
+        ).fetchall()
+        counts = {status.value: 0 for status in Status} | {"stalled": 0}
+        for status, count, stalled in rows:
+            counts[status] = count
+            counts["stalled"] += stalled
+        return counts
+
+    def recent_events(self, since: float, limit: int = 10_000) -> list[Event]:
+        # Newest first by id with the time filter applied outside: at most ``limit`` rows are
+        # read whatever the window (events has no time index; ids follow time closely).
+        rows = self._connection().execute(
+            "SELECT * FROM (SELECT * FROM events ORDER BY id DESC LIMIT ?) ORDER BY id", (limit,)
+        ).fetchall()
+        return [Event(MacAddress.parse(r["mac"]), r["time"], r["source"], r["message"])
+                for r in rows if r["time"] >= since]
 
     # -- leases -------------------------------------------------------------------------------
 

@@ -47,6 +47,19 @@ class Tally:
     leases: int  # unexpired dynamic leases
 
 
+@dataclass(frozen=True)
+class HostSummary:
+    """A host as a list of many shows it: no vars or xen settings, and its newest event."""
+
+    mac: MacAddress
+    hostname: str
+    ip: str | None
+    profile: str
+    netboot: bool
+    status: Status
+    last_event: Event | None
+
+
 class Store(Protocol):
     # Profiles. add_profile raises Conflict on a duplicate name; get/put/delete raise NotFound;
     # delete_profile raises Conflict while a host still uses the profile.
@@ -97,6 +110,13 @@ class Store(Protocol):
     # guest network can make events for made-up MACs) and keeps each host's newest ``keep``.
     def add_events(self, events: Iterable[Event], keep: int = 1000) -> None: ...
     def events(self, mac: MacAddress, limit: int = 1000) -> list[Event]: ...
+    # Every host with its newest event, in one light query (the dashboard at 10,000 hosts).
+    def host_summaries(self) -> list[HostSummary]: ...
+    # How many hosts are in each status, and under "stalled" how many netbooting or installing
+    # hosts had their newest event (or none) before ``stalled_before``. One query.
+    def status_counts(self, stalled_before: float) -> dict[str, int]: ...
+    # Events of all hosts at or after ``since`` among the newest ``limit``, oldest first.
+    def recent_events(self, since: float, limit: int = 10_000) -> list[Event]: ...
 
     # DHCP leases for hosts without a registered IP.
     def find_lease(self, mac: MacAddress) -> Lease | None: ...

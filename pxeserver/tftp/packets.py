@@ -149,7 +149,8 @@ def negotiate(options: dict[str, str], size: int, max_blksize: int, max_windowsi
 def encode_oack(options: dict[str, str]) -> bytes:
     packet = TftpPacketOACK()
     packet.options = options
-    return packet.encode().buffer
+    encoded: bytes = packet.encode().buffer
+    return encoded
 
 
 def encode_error(code: ErrorCode, message: str = "") -> bytes:

@@ -58,6 +58,7 @@ TICK = 0.05  # seconds between deadline scans: the resolution of retransmit time
 RECEIVE_SIZE = 1024  # requests, ACKs and ERRORs are small; larger datagrams are truncated
 ANSWER_SIZE = 64  # what a transfer reads from its client: an ACK, or an ERROR cut short
 LISTENER_BUFFER = 4 << 20  # a burst of a thousand RRQs must not overflow the default buffer
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux's value; Python names it from 3.12
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux's value; Python 3.11's socket module lacks it
 
 
@@ -353,6 +354,6 @@ def _raise_open_file_limit(wanted: int) -> None:
 
 def _enlarge_receive_buffer(sock: socket.socket) -> None:
     try:  # as root, past net.core.rmem_max
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, LISTENER_BUFFER)
-    except (OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, LISTENER_BUFFER)
+    except OSError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTENER_BUFFER)

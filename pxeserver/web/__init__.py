@@ -1,4 +1,4 @@
-"""The Flask application: the JSON API and the files installers fetch."""
+"""The Flask application: the JSON API, the files installers fetch and pypxeboot for dom0s."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from flask.json.provider import DefaultJSONProvider
 
 from pxeserver.app import Context
 from pxeserver.registry import Unavailable
-from pxeserver.web import api, files, imports, metrics
+from pxeserver.web import api, dashboard, dom0, files, imports, metrics
 
 MAX_BODY_BYTES = 256 * 1024
 
@@ -37,6 +37,9 @@ def create_app(context: Context) -> Flask:
     app.register_blueprint(api.blueprint)
     app.register_blueprint(imports.blueprint)
     app.register_blueprint(files.blueprint)
+    app.register_blueprint(dashboard.blueprint)
+    if context.config.http.serve_pypxeboot:
+        app.register_blueprint(dom0.blueprint)
     metrics.install(app, context)
     app.register_error_handler(Unavailable, _unavailable)
     return app

@@ -27,7 +27,8 @@ blueprint = Blueprint("api", __name__, url_prefix="/api")
 
 
 def _context() -> Context:
-    return current_app.extensions["pxeserver"]
+    context: Context = current_app.extensions["pxeserver"]
+    return context
 
 
 def _error(status: int, message: str) -> tuple[Response, int]:

@@ -40,7 +40,8 @@ def _make_renderer(state: BlueprintSetupState) -> None:
 
 
 def _context() -> Context:
-    return current_app.extensions["pxeserver"]
+    context: Context = current_app.extensions["pxeserver"]
+    return context
 
 
 def _text(body: str, status: int = 200) -> Response:

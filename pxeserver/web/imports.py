@@ -29,7 +29,8 @@ def _jobs() -> ImportJobs:
     with _jobs_lock:
         if "pxeserver-imports" not in current_app.extensions:
             current_app.extensions["pxeserver-imports"] = ImportJobs(_context())
-        return current_app.extensions["pxeserver-imports"]
+        jobs: ImportJobs = current_app.extensions["pxeserver-imports"]
+        return jobs
 
 
 def _secret_vars() -> list[str]:

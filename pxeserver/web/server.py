@@ -90,7 +90,8 @@ def _sendfile_source(buffer: object) -> int | None:
     if not isinstance(buffer, ReadOnlyFileBasedBuffer):
         return None
     try:
-        return buffer.file.fileno()
+        descriptor: int = buffer.file.fileno()
+        return descriptor
     except (AttributeError, OSError, ValueError):  # BytesIO and friends: no descriptor
         return None
 
@@ -214,7 +215,7 @@ class BoundedChannel(SendfileChannel):
     def received(self, data: bytes) -> bool:
         pending = self.request
         in_body = pending is not None and pending.headers_finished
-        result = super().received(data)
+        result: bool = super().received(data)
         partial = self.request
         if partial is not None:
             now = time.monotonic()
