@@ -120,9 +120,11 @@ def run(kind: str, database: str, base: Path, hosts: int, timed: int, lookups: i
         context.provisioning.update_host(mac, {"netboot": netboot})
         changes.append(time.perf_counter() - t0)
         wanted = "localboot" if not netboot else "kernel "
-        visible.append(_until(lambda: other.store.get_host(mac).netboot is netboot))
+        visible.append(_until(lambda mac=mac, netboot=netboot:
+                              other.store.get_host(mac).netboot is netboot))
         if kind == "postgresql":
-            files.append(_until(lambda: path.exists() and wanted in path.read_text()
+            files.append(_until(lambda path=path, wanted=wanted, before=before:
+                                path.exists() and wanted in path.read_text()
                                 and path.read_text() != before))
     results["one host change on A"] = _spread(changes)
     results["then answered by B after"] = _spread(visible)

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-import pytest
 import pg_support
+import pytest
 
 from pxeserver import app
 from pxeserver.config import Config

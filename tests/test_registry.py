@@ -11,9 +11,18 @@ import pytest
 
 from pxeserver.mac import InvalidMac, MacAddress
 from pxeserver.registry import (
-    BootFile, Conflict, Host, Lease, NotFound, Profile, SqliteStore, Store, ValidationError, open_store,
+    BootFile,
+    Conflict,
+    Host,
+    Lease,
+    NotFound,
+    Profile,
+    SqliteStore,
+    Store,
+    ValidationError,
+    open_store,
+    postgres,
 )
-from pxeserver.registry import postgres
 from pxeserver.registry.sqlite import MIGRATIONS
 
 pytestmark = pytest.mark.both_stores
