@@ -50,7 +50,7 @@ T = TypeVar("T")
 
 CHANNEL = "pxeserver"
 MIGRATION_LOCK = 0x70786573  # pg_advisory_xact_lock key: one node migrates at a time
-CONNECT_TIMEOUT = 2  # seconds to reach the server before a call gives up
+CONNECT_TIMEOUT = 5  # seconds to reach the server (or get a pooled connection) before giving up
 CACHE_ENTRIES = 200_000  # answers kept per node (a MAC-spraying client cannot grow it further)
 
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
