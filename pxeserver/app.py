@@ -37,4 +37,5 @@ def build(config: Config) -> Context:
     policy = BootPolicy(store, config, timeline, metrics)
     metrics.watch_registry(policy.tally)
     writer = BootConfigWriter(config.tftp_root, policy)
+    store.watch(writer.apply)  # other nodes' changes (a shared PostgreSQL registry)
     return Context(config, store, timeline, policy, writer, Provisioning(store, policy, writer), metrics)

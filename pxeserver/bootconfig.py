@@ -23,7 +23,7 @@ from pathlib import Path
 from pxeserver import pxelinux
 from pxeserver.mac import MacAddress
 from pxeserver.policy import BootPolicy
-from pxeserver.registry import Host
+from pxeserver.registry import Change, Host
 
 
 class BootConfigWriter:
@@ -42,6 +42,32 @@ class BootConfigWriter:
                 self.host_path(mac).unlink(missing_ok=True)
             else:
                 self._write_host(host)
+
+    def sync_profile(self, name: str) -> None:
+        """Rewrite the files of every host that boots this profile (and ``default`` if it is
+        the default profile)."""
+        for host in self.policy.store.list_hosts():
+            if host.profile == name:
+                self.sync_host(host.mac)
+        if self.policy.config.boot.default_profile == name:
+            self.write_default()
+
+    def apply(self, change: Change) -> None:
+        """Another node changed the shared registry: make this node's files match it."""
+        if change.kind == "host":
+            self.sync_host(MacAddress.parse(change.key))
+        elif change.kind == "profile":
+            self.sync_profile(change.key)
+        elif change.kind == "all":
+            hosts = self.policy.store.list_hosts()
+            for host in hosts:
+                self.sync_host(host.mac)
+            self.write_default()
+            registered = {host.mac.pxelinux_name for host in hosts}
+            with self._locked():
+                for path in self.directory.glob("01-*"):
+                    if path.name not in registered:
+                        path.unlink(missing_ok=True)
 
     def _write_host(self, host: Host) -> Path:
         spec = self.policy.host_spec(host)

@@ -22,11 +22,11 @@ from pxeserver.imports import IMPORT_ERRORS, progress as import_progress, run_im
 from pxeserver.imports.layouts import ARCHES
 from pxeserver.mac import InvalidMac, MacAddress
 from pxeserver.provisioning import InvalidToken
-from pxeserver.registry import Conflict, NotFound, ValidationError
+from pxeserver.registry import Conflict, NotFound, Unavailable, ValidationError, is_postgresql
 from pxeserver.registry.models import XenSettings
 
-USER_ERRORS = (ValidationError, InvalidMac, NotFound, Conflict, InvalidToken, config_module.ConfigError,
-               *IMPORT_ERRORS)
+USER_ERRORS = (ValidationError, InvalidMac, NotFound, Conflict, InvalidToken, Unavailable,
+               config_module.ConfigError, *IMPORT_ERRORS)
 
 
 def _fail(message: str) -> None:
@@ -47,7 +47,10 @@ def _load_config(ctx: click.Context) -> config_module.Config:
 
 @contextmanager
 def _context(ctx: click.Context) -> Iterator[app.Context]:
-    context = app.build(_load_config(ctx))
+    try:
+        context = app.build(_load_config(ctx))
+    except (Unavailable, RuntimeError) as exc:  # unreachable database, or a newer schema
+        _fail(str(exc))
     try:
         yield context
     except USER_ERRORS as exc:
@@ -336,6 +339,76 @@ def lab(**options: Any) -> None:
     from pxeserver import lab as lab_module
 
     sys.exit(lab_module.run(**options))
+
+
+# -- the registry database ------------------------------------------------------------------
+
+@cli.group()
+def db() -> None:
+    """The registry database: schema migrations and a health check."""
+
+
+def _database_name(database: str) -> str:
+    """The database as a log line may show it: a PostgreSQL URL without its password."""
+    if not is_postgresql(database):
+        return f"SQLite {database}"
+    from psycopg.conninfo import conninfo_to_dict
+
+    info = conninfo_to_dict(database)
+    return f"PostgreSQL {info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+def _sqlite_version(path: str) -> int:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+@db.command("migrate")
+@click.pass_context
+def db_migrate(ctx: click.Context) -> None:
+    """Bring the registry's schema up to date (the server also does it when it starts)."""
+    cfg = _load_config(ctx)
+    try:
+        if is_postgresql(cfg.database):
+            from pxeserver.registry import postgres
+
+            before, after = postgres.migrate(cfg.database)
+        else:
+            from pxeserver.registry.sqlite import MIGRATIONS, SqliteStore
+
+            before = _sqlite_version(cfg.database) if Path(cfg.database).is_file() else 0
+            SqliteStore(cfg.database).close()
+            after = len(MIGRATIONS)
+    except Exception as exc:  # unreachable server, refused login, a newer schema
+        _fail(f"{_database_name(cfg.database)}: {str(exc).strip().splitlines()[0]}")
+    change = f"from {before} to {after}" if before != after else f"{after}, up to date"
+    click.echo(f"{_database_name(cfg.database)}: schema version {change}")
+
+
+@db.command("check")
+@click.pass_context
+def db_check(ctx: click.Context) -> None:
+    """Exit 0 if the registry database is reachable and its schema is the current one."""
+    cfg = _load_config(ctx)
+    try:
+        if is_postgresql(cfg.database):
+            from pxeserver.registry import postgres
+
+            version = postgres.check(cfg.database)
+        else:
+            from pxeserver.registry.sqlite import MIGRATIONS
+
+            if not Path(cfg.database).is_file():
+                raise RuntimeError("does not exist (run 'pxeserver db migrate')")
+            version = _sqlite_version(cfg.database)
+            if version != len(MIGRATIONS):
+                raise RuntimeError(f"schema version {version}; this pxeserver needs "
+                                   f"{len(MIGRATIONS)} (run 'pxeserver db migrate')")
+    except Exception as exc:
+        _fail(f"{_database_name(cfg.database)}: {str(exc).strip().splitlines()[0]}")
+    click.echo(f"{_database_name(cfg.database)}: reachable, schema version {version} (current)")
 
 
 def main() -> None:

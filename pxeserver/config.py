@@ -36,7 +36,9 @@ class ServerSection:
     tftp_root: str = "tftproot"
     kickstarts: str = "kickstarts"
     preseeds: str = "preseeds"
-    database: str = ""  # empty: SQLite file registry.db under data_dir; else a SQLite file path
+    # Empty: SQLite file registry.db under data_dir; a SQLite file path; or a postgresql:// URL
+    # (libpq's form) of a registry several pxeserver nodes share.
+    database: str = ""
     log_level: str = "info"  # debug, info, warning or error
     events_per_host: int = 1000  # timeline entries kept per host; older ones are dropped
 
@@ -211,6 +213,8 @@ class Config:
     def database(self) -> str:
         if not self.server.database:
             return str(self.data_dir / "registry.db")
+        if "://" in self.server.database:
+            return self.server.database
         return str(self.path(self.server.database))
 
     @property
@@ -305,15 +309,22 @@ def _directory(config: Config, key: str) -> None:
 
 
 def _database(config: Config) -> None:
-    """Empty (registry.db under data_dir), or a SQLite file path; a URL only once its store
-    exists, so ``postgresql://...`` never silently becomes a SQLite file named like the URL."""
+    """Empty (registry.db under data_dir), a SQLite file path or a postgresql:// URL; any other
+    URL is refused, so it never silently becomes a SQLite file named like the URL."""
     value = config.server.database
     scheme, sep, _ = value.partition("://")
     if sep:
         if scheme in ("postgresql", "postgres"):
-            _fail("server", "database", "must be empty or a SQLite file path "
-                                        "(PostgreSQL store not available yet)")
-        _fail("server", "database", f"must be empty or a SQLite file path, not a {scheme}:// URL")
+            from psycopg.conninfo import conninfo_to_dict  # only where PostgreSQL is configured
+
+            try:
+                conninfo_to_dict(value)
+            except Exception as exc:  # psycopg.ProgrammingError: libpq's own message
+                reason = str(exc).strip().splitlines()[0]
+                _fail("server", "database", f"is not a valid PostgreSQL URL: {reason}")
+            return
+        _fail("server", "database", "must be empty, a SQLite file path or a postgresql:// URL, "
+                                    f"not a {scheme}:// URL")
     if "\0" in value or value.endswith("/"):
         _fail("server", "database", f"must be a file path, not {value!r}")
     if value and config.path(value).is_dir():

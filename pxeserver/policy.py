@@ -20,7 +20,7 @@ from pxeserver.bootspec import BootSpec, LocalBoot, NetBoot
 from pxeserver.config import Config
 from pxeserver.mac import InvalidMac, MacAddress
 from pxeserver.pxelinux import hex_ip
-from pxeserver.registry import Host, NotFound, Profile, Status, Store
+from pxeserver.registry import Host, NotFound, Profile, Status, Store, Unavailable
 from pxeserver.registry.store import Tally
 from pxeserver.timeline import Timeline
 
@@ -285,6 +285,11 @@ class BootPolicy:
         if host is None or not host.netboot or host.status not in _LIFECYCLE:
             return
         earlier = _LIFECYCLE[: _LIFECYCLE.index(status)]
-        if host.status in earlier and self.store.advance_status(mac, status, earlier):
+        try:
+            advanced = host.status in earlier and self.store.advance_status(mac, status, earlier)
+        except Unavailable as exc:  # the shared database is away: the boot goes on regardless
+            log.warning("%s not recorded as %s: %s", mac, status.value, exc)
+            return
+        if advanced:
             self.record(mac, "policy", status_change(host.status, status), step=status)
 

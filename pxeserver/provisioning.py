@@ -55,11 +55,7 @@ class Provisioning:
         profile = Profile.from_input(data, name=name, current=self.store.get_profile(name))
         self._check_template(profile)
         self.store.put_profile(profile)
-        for host in self.store.list_hosts():
-            if host.profile == name:
-                self.writer.sync_host(host.mac)
-        if self.policy.config.boot.default_profile == name:
-            self.writer.write_default()
+        self.writer.sync_profile(name)
         return profile
 
     def delete_profile(self, name: str) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pxeserver import app
 from pxeserver.app import Context
 from pxeserver.config import Config
+from pxeserver.registry import Unavailable
 from pxeserver.service import Service
 
 log = logging.getLogger("pxeserver")
@@ -63,7 +64,11 @@ def run(config: Config) -> int:
     """
     logging.basicConfig(level=config.server.log_level.upper(),
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    context = app.build(config)
+    try:
+        context = app.build(config)
+    except (Unavailable, RuntimeError) as exc:  # the database unreachable, or a newer schema
+        print(f"pxeserver: cannot open the registry: {exc}", file=sys.stderr)
+        return 1
     context.writer.write_default()
     supervisor = context.supervisor
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -16,7 +16,7 @@ import time
 
 from pxeserver.feed import EventFeed
 from pxeserver.mac import MacAddress
-from pxeserver.registry import Event, Store
+from pxeserver.registry import Event, Store, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ class Timeline:
                 stop = stop or item is None
             try:
                 self.store.add_events(batch, keep=self.keep_per_host)
+            except Unavailable as exc:  # the shared database is away; the store logs the outage
+                log.warning("dropped %d timeline events: %s", len(batch), exc)
             except Exception:  # a failing disk must not kill the writer
                 log.exception("could not store %d timeline events", len(batch))
             for waiter in waiters:

@@ -7,6 +7,8 @@ import pytest
 from pxeserver.mac import MacAddress
 from pxeserver.web import create_app
 
+pytestmark = pytest.mark.both_stores  # registry behaviour: SQLite and PostgreSQL
+
 PROFILE = {"name": "deb", "kernel": "images/deb/linux", "initrd": "images/deb/initrd.gz",
            "append": "console=hvc0", "vars": {"suite": "bookworm"}}
 

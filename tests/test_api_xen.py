@@ -19,6 +19,8 @@ from pxeserver.app import Context
 from pxeserver.mac import MacAddress
 from pxeserver.registry.models import XenDisk
 
+pytestmark = pytest.mark.both_stores  # registry behaviour: SQLite and PostgreSQL
+
 GOOD_DISK = "phy:/dev/vg_domu/web1,xvda,w"
 HOSTILE_DISKS = [
     ("/dev/vg_domu/web1,raw,xvda,rw,script=/tmp/own-dom0", "'script' is not allowed"),

@@ -14,6 +14,8 @@ from pxeserver.mac import MacAddress
 from pxeserver.policy import LocalBoot, NetBoot
 from pxeserver.registry import ValidationError
 
+pytestmark = pytest.mark.both_stores  # registry behaviour: SQLite and PostgreSQL
+
 MAC = "00:16:3e:aa:bb:cc"
 
 

@@ -198,3 +198,46 @@ def test_new_security_settings_are_checked(workdir: Path, text: str, message: st
     result = run(workdir, "host", "list", ok=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.both_stores
+def test_db_migrate_and_check(workdir: Path, store_kind: str, request: pytest.FixtureRequest) -> None:
+    """``db check`` fails (exit 1, one line saying what to do) until ``db migrate`` has run,
+    then passes; the CLI's own commands work on the migrated registry; a PostgreSQL URL is
+    shown without its password."""
+    if store_kind == "postgresql":
+        cluster = request.getfixturevalue("pg_cluster")
+        url = cluster.new_database().replace("pxeserver@", "pxeserver:s3cret@")
+        (workdir / "pxeserver.toml").write_text(
+            f'[server]\naddress = "10.0.0.1"\ndatabase = "{url}"\n[dns]\ndomain = "lab.example"\n')
+        shown = f"PostgreSQL 127.0.0.1:{cluster.port}/"
+    else:
+        shown = f"SQLite {workdir / 'var' / 'registry.db'}"
+    before = run(workdir, "db", "check", ok=False)
+    assert before.returncode == 1 and before.stderr.startswith(f"pxeserver: error: {shown}")
+    assert "run 'pxeserver db migrate'" in before.stderr and before.stderr.count("\n") == 1
+    assert "s3cret" not in before.stderr
+    from pxeserver.registry import postgres, sqlite
+
+    current = len((postgres if store_kind == "postgresql" else sqlite).MIGRATIONS)
+    migrated = run(workdir, "db", "migrate").stdout
+    assert migrated.startswith(shown) and f"schema version from 0 to {current}" in migrated
+    assert "up to date" in run(workdir, "db", "migrate").stdout
+    assert f"reachable, schema version {current} (current)" in run(workdir, "db", "check").stdout
+    run(workdir, "profile", "add", "deb", "--kernel", "k/linux", "--initrd", "k/initrd")
+    assert "deb" in run(workdir, "profile", "list").stdout
+
+
+def test_db_check_names_an_unreachable_postgresql(workdir: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (workdir / "pxeserver.toml").write_text(
+        f'[server]\naddress = "10.0.0.1"\ndatabase = "postgresql://pxe@127.0.0.1:{port}/pxe"\n')
+    for command in (["db", "check"], ["profile", "list"]):
+        result = run(workdir, *command, ok=False)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith("pxeserver: error: ") and "Traceback" not in result.stderr
+        assert "Connection refused" in result.stderr or "unreachable" in result.stderr, result.stderr

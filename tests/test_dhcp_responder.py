@@ -21,6 +21,8 @@ from pxeserver.dhcp.server import RateLimiter
 from pxeserver.mac import MacAddress
 from pxeserver.registry import Status
 
+pytestmark = pytest.mark.both_stores  # registry behaviour: SQLite and PostgreSQL
+
 SERVER = "10.0.0.1"
 MAC = "00:16:3e:00:00:01"
 OTHER_MAC = "00:16:3e:00:00:02"

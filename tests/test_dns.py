@@ -12,6 +12,8 @@ from pxeserver.dns import DnsService
 from pxeserver.mac import MacAddress
 from pxeserver.registry import Lease
 
+pytestmark = pytest.mark.both_stores  # registry behaviour: SQLite and PostgreSQL
+
 MAC = "00:16:3e:00:00:05"
 
 

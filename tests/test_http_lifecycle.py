@@ -17,6 +17,8 @@ from http_support import MAC, PROFILE, Reply, curl, post_json, running
 
 from pxeserver.app import Context
 
+pytestmark = pytest.mark.both_stores  # registry behaviour: SQLite and PostgreSQL
+
 DASHED = MAC.replace(":", "-")
 
 

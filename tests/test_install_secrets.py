@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import http.client
 import json
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from http_support import MAC, PROFILE, Reply, curl, running
+from pg_support import database_rows
 
 from pxeserver.app import Context
 from pxeserver.mac import MacAddress
 from pxeserver.registry import Lease, Status
+
+pytestmark = pytest.mark.both_stores  # registry behaviour: SQLite and PostgreSQL
 
 HOST_IP = "127.0.0.1"
 ATTACKER_IP = "127.0.0.2"
@@ -211,8 +213,7 @@ def test_a_flood_of_unknown_macs_stores_nothing_and_timelines_stay_capped(ctx: C
     for _ in range(1000):
         ctx.policy.record(MacAddress.random_xen({MacAddress.parse(MAC)}), "dhcp", "DISCOVER")
     ctx.timeline.flush()
-    with sqlite3.connect(ctx.config.database) as conn:
-        by_mac = dict(conn.execute("SELECT mac, COUNT(*) FROM events GROUP BY mac").fetchall())
+    by_mac = dict(database_rows(ctx.config.database, "SELECT mac, COUNT(*) FROM events GROUP BY mac"))
     assert list(by_mac) == [MAC] and by_mac[MAC] <= 50
     events = ctx.timeline.events(MacAddress.parse(MAC))
     assert len(events) == 50

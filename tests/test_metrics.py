@@ -34,6 +34,8 @@ from pxeserver.dns import DnsService
 from pxeserver.tftp import TftpService
 from pxeserver.web.server import HttpService
 
+pytestmark = pytest.mark.both_stores  # registry behaviour: SQLite and PostgreSQL
+
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 COUNTERS = ("pxeserver_requests_total", "pxeserver_replies_total", "pxeserver_drops_total",
             "pxeserver_errors_total", "pxeserver_lifecycle_steps_total")

@@ -3,12 +3,36 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from dataclasses import replace
 
+import psycopg
 import pytest
 
 from pxeserver.mac import InvalidMac, MacAddress
-from pxeserver.registry import Conflict, Host, NotFound, Profile, SqliteStore, ValidationError
+from pxeserver.registry import (
+    BootFile,
+    Conflict,
+    Host,
+    Lease,
+    NotFound,
+    Profile,
+    SqliteStore,
+    Store,
+    ValidationError,
+    open_store,
+    postgres,
+)
 from pxeserver.registry.sqlite import MIGRATIONS
+
+pytestmark = pytest.mark.both_stores
+
+
+@pytest.fixture
+def store(database: str, tmp_path) -> Iterator[Store]:
+    opened = open_store(database or str(tmp_path / "r.db"))
+    yield opened
+    opened.close()
 
 
 @pytest.mark.parametrize("text", [
@@ -50,8 +74,7 @@ def _host(mac: str, hostname: str, ip: str | None = None) -> Host:
     return Host.from_input(data, mac=MacAddress.parse(mac))
 
 
-def test_uniqueness_is_on_the_canonical_mac_hostname_and_ip(tmp_path) -> None:
-    store = SqliteStore(tmp_path / "r.db")
+def test_uniqueness_is_on_the_canonical_mac_hostname_and_ip(store: Store) -> None:
     store.add_profile(_profile())
     store.add_host(_host("00:16:3E:AA:BB:CC", "web1", "10.0.0.5"))
     with pytest.raises(Conflict, match="MAC"):
@@ -63,8 +86,7 @@ def test_uniqueness_is_on_the_canonical_mac_hostname_and_ip(tmp_path) -> None:
     assert [str(h.mac) for h in store.list_hosts()] == ["00:16:3e:aa:bb:cc"]
 
 
-def test_a_profile_in_use_cannot_be_deleted(tmp_path) -> None:
-    store = SqliteStore(tmp_path / "r.db")
+def test_a_profile_in_use_cannot_be_deleted(store: Store) -> None:
     store.add_profile(_profile())
     store.add_host(_host("00:16:3e:aa:bb:cc", "web1"))
     with pytest.raises(Conflict, match="used by 1 host"):
@@ -75,8 +97,7 @@ def test_a_profile_in_use_cannot_be_deleted(tmp_path) -> None:
         store.get_profile("deb")
 
 
-def test_generation_increases_on_each_change_only(tmp_path) -> None:
-    store = SqliteStore(tmp_path / "r.db")
+def test_generation_increases_on_each_change_only(store: Store) -> None:
     first = store.generation()
     store.add_profile(_profile())
     assert store.generation() == first + 1
@@ -94,6 +115,32 @@ def test_schema_is_versioned_and_reopening_keeps_data(tmp_path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert SqliteStore(path).list_profiles() == [_profile()]
+
+
+def test_postgresql_schema_is_versioned_and_migrated_once(pg_cluster) -> None:
+    url = pg_cluster.new_database()
+    assert postgres.migrate(url) == (0, len(postgres.MIGRATIONS))
+    assert postgres.migrate(url) == (len(postgres.MIGRATIONS), len(postgres.MIGRATIONS))
+    store = postgres.PostgresStore(url)
+    store.add_profile(_profile())
+    store.close()
+    assert postgres.check(url) == len(postgres.MIGRATIONS)
+    reopened = postgres.PostgresStore(url)
+    assert reopened.list_profiles() == [_profile()]
+    reopened.close()
+
+
+def test_a_newer_postgresql_schema_is_refused_not_damaged(pg_cluster) -> None:
+    url = pg_cluster.new_database()
+    postgres.migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE schema_version SET version = version + 5")
+    with pytest.raises(RuntimeError, match="newer"):
+        postgres.PostgresStore(url)
+    with pytest.raises(RuntimeError, match="schema version"):
+        postgres.check(url)
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM hosts").fetchone() == (0,)
 
 
 def test_a_newer_schema_is_refused_not_damaged(tmp_path) -> None:
@@ -145,3 +192,29 @@ def test_profile_field_validation(field: str, value: object, message: str) -> No
     data = {"name": "deb", "kernel": "images/deb/linux", "initrd": "images/deb/initrd.gz", field: value}
     with pytest.raises(ValidationError, match=message):
         Profile.from_input(data)
+
+
+def test_a_pool_address_goes_to_a_second_mac_only_once_its_lease_ran_out(store: Store) -> None:
+    """The store decides in one transaction, so two DHCP servers sharing it cannot both give
+    an address away: a live lease is never taken over, an expired one only when asked to."""
+    first, second = MacAddress.parse("00:16:3e:00:00:01"), MacAddress.parse("00:16:3e:00:00:02")
+    store.put_lease(Lease(first, "10.0.0.100", 1000.0))
+    with pytest.raises(Conflict, match="leased to another MAC"):
+        store.put_lease(Lease(second, "10.0.0.100", 5000.0))
+    with pytest.raises(Conflict):  # first's lease runs until 1000
+        store.put_lease(Lease(second, "10.0.0.100", 5000.0), expired_before=999.0)
+    store.put_lease(Lease(second, "10.0.0.100", 5000.0), expired_before=1001.0)
+    assert store.find_lease_by_ip("10.0.0.100") == Lease(second, "10.0.0.100", 5000.0)
+    assert store.find_lease(first) is None
+    assert store.list_leases() == [Lease(second, "10.0.0.100", 5000.0)]
+
+
+def test_an_imported_profile_and_its_boot_files_are_one_transaction(store: Store) -> None:
+    files = [BootFile("images/deb/linux", 10, "a" * 64, "http://mirror/linux"),
+             BootFile("images/deb/initrd.gz", 20, "b" * 64, "http://mirror/initrd.gz")]
+    assert store.add_imported_profile(_profile(), files) is True
+    assert store.add_imported_profile(_profile(), files) is False  # a repeated import
+    with pytest.raises(Conflict, match="other settings"):
+        store.add_imported_profile(replace(_profile(), append="quiet=1"), files)
+    assert store.list_profiles() == [_profile()]
+    assert store.boot_files(["images/deb/linux", "images/none"]) == {"images/deb/linux": files[0]}

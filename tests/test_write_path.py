@@ -24,6 +24,8 @@ from pxeserver.app import Context
 from pxeserver.mac import MacAddress
 from pxeserver.registry import Conflict
 
+pytestmark = pytest.mark.both_stores  # registry behaviour: SQLite and PostgreSQL
+
 HOSTS = 48
 ROUNDS = 3  # each PATCH is sent this many times, so some land just before or after a callback
 

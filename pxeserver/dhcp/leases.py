@@ -177,13 +177,10 @@ class LeaseManager:
         lease = self.store.find_lease(mac)
         if not known and not self._holds(mac, number, lease, now) and not self._room_for_unknown(now):
             return False
-        stale = self.store.find_lease_by_ip(ip)
-        if stale is not None and stale.mac != mac:
-            self.store.delete_lease(stale.mac)  # _blocked_until checked that it has expired
         expires = now + lease_time
-        try:
-            self.store.put_lease(Lease(mac, ip, expires))
-        except Conflict:  # another server sharing the registry took it in between
+        try:  # an expired lease of another MAC is taken over in the same transaction
+            self.store.put_lease(Lease(mac, ip, expires), expired_before=now)
+        except Conflict:  # another server sharing the registry took or renewed it in between
             return False
         self._drop_offer(mac)
         if lease is not None and lease.ip != ip:

@@ -12,15 +12,25 @@ from pxeserver.registry.models import (
     XenSettings,
 )
 from pxeserver.registry.sqlite import SqliteStore
-from pxeserver.registry.store import HostSummary, Lease, Store
+from pxeserver.registry.store import Change, HostSummary, Lease, Store, Unavailable
+
+
+def is_postgresql(database: str) -> bool:
+    return database.startswith(("postgresql://", "postgres://"))
 
 
 def open_store(database: str) -> Store:
-    """The store for a configured database: a SQLite file path (PostgreSQL to follow)."""
+    """The store for a configured database: a ``postgresql://`` URL (several nodes share it)
+    or a SQLite file path."""
+    if is_postgresql(database):
+        from pxeserver.registry.postgres import PostgresStore  # psycopg only when used
+
+        return PostgresStore(database)
     return SqliteStore(database)
 
 
 __all__ = [
-    "BootFile", "Conflict", "Event", "Host", "HostSummary", "Lease", "NotFound", "Profile", "SqliteStore", "Status",
-    "Store", "ValidationError", "XenSettings", "open_store",
+    "BootFile", "Change", "Conflict", "Event", "Host", "HostSummary", "Lease", "NotFound", "Profile",
+    "SqliteStore", "Status", "Store", "Unavailable", "ValidationError", "XenSettings", "is_postgresql",
+    "open_store",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +29,7 @@ from pxeserver.registry.models import (
     ValidationError,
     XenSettings,
 )
-from pxeserver.registry.store import HostSummary, Lease, Tally
+from pxeserver.registry.store import Change, HostSummary, Lease, Tally
 
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
 MIGRATIONS: list[str] = [
@@ -192,6 +192,9 @@ class SqliteStore:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+    def watch(self, on_change: Callable[[Change], None]) -> None:
+        """One node: the CLI beside it writes the boot config files of its own changes."""
 
     def generation(self) -> int:
         row = self._connection().execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
@@ -436,9 +439,12 @@ class SqliteStore:
         row = self._connection().execute("SELECT * FROM leases WHERE ip = ?", (ip,)).fetchone()
         return None if row is None else Lease(MacAddress.parse(row["mac"]), ip, row["expires"])
 
-    def put_lease(self, lease: Lease) -> None:
+    def put_lease(self, lease: Lease, expired_before: float | None = None) -> None:
         try:
             with self._write() as conn:
+                if expired_before is not None:
+                    conn.execute("DELETE FROM leases WHERE ip = ? AND mac != ? AND expires < ?",
+                                 (lease.ip, str(lease.mac), expired_before))
                 conn.execute(
                     "INSERT INTO leases (mac, ip, expires) VALUES (?, ?, ?) ON CONFLICT(mac) "
                     "DO UPDATE SET ip = excluded.ip, expires = excluded.expires",

@@ -7,7 +7,7 @@ transaction; a method that returns has made its change durable.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +22,20 @@ class Lease:
     mac: MacAddress
     ip: str
     expires: float
+
+
+class Unavailable(Exception):
+    """The registry database cannot be reached: a change was not made (the API answers 503)."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """What another node changed: ``kind`` host (key: the MAC), profile (key: its name), lease
+    (key: the MAC), boot-file (key: its path), or all (key empty: changes were missed while
+    the database was away)."""
+
+    kind: str
+    key: str
 
 
 @dataclass(frozen=True)
@@ -107,7 +121,11 @@ class Store(Protocol):
     # DHCP leases for hosts without a registered IP.
     def find_lease(self, mac: MacAddress) -> Lease | None: ...
     def find_lease_by_ip(self, ip: str) -> Lease | None: ...
-    def put_lease(self, lease: Lease) -> None: ...
+    def put_lease(self, lease: Lease, expired_before: float | None = None) -> None:
+        """Raises Conflict if another MAC holds the address; with ``expired_before``, a lease
+        of another MAC that ran out before then is taken over in the same transaction (so two
+        servers sharing the registry can never both give the address away)."""
+        ...
     def delete_lease(self, mac: MacAddress) -> None: ...
     def list_leases(self) -> list[Lease]: ...
 
@@ -122,5 +140,10 @@ class Store(Protocol):
 
     # Counts only (two light queries), read at every metrics scrape.
     def tally(self, now: float) -> Tally: ...
+
+    def watch(self, on_change: Callable[[Change], None]) -> None:
+        """Call ``on_change`` for each change another node makes, as it commits (from another
+        thread); a store only this process writes never calls it."""
+        ...
 
     def close(self) -> None: ...

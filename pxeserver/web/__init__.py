@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask
+from flask import Flask, Response, jsonify
 from flask.json.provider import DefaultJSONProvider
 
 from pxeserver.app import Context
+from pxeserver.registry import Unavailable
 from pxeserver.web import api, dashboard, dom0, files, imports, metrics
 
 MAX_BODY_BYTES = 256 * 1024
@@ -40,4 +41,12 @@ def create_app(context: Context) -> Flask:
     if context.config.http.serve_pypxeboot:
         app.register_blueprint(dom0.blueprint)
     metrics.install(app, context)
+    app.register_error_handler(Unavailable, _unavailable)
     return app
+
+
+def _unavailable(exc: Unavailable) -> tuple[Response, int]:
+    """The shared registry database is away: nothing was changed; the client may retry."""
+    reply = jsonify(error=str(exc))
+    reply.headers["Retry-After"] = "5"
+    return reply, 503

@@ -1,0 +1,328 @@
+"""Several pxeserver nodes sharing one PostgreSQL registry, checked with the real clients.
+
+Each node is its own Context (its own pool, listener, caches and TFTP root) on one database in
+a throwaway cluster. A change made through node A must be answered by node B's TFTP (tftp-hpa),
+HTTP (curl), DNS (dig) and DHCP (its responder, scapy packets) within a second, and node B's
+pxelinux.cfg file must follow. Then the database is killed with SIGKILL: node B keeps answering
+from its last known state, refuses writes with a 503, and recovers by itself; a bulk
+registration through the outage loses nothing it acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+from conftest import make_config, started
+from dns_support import dig
+from http_support import curl, post_json
+from pg_support import Cluster, available, database_rows
+from scapy.layers.dhcp import BOOTP, DHCP
+
+from pxeserver import app
+from pxeserver.dhcp.responder import Responder
+from pxeserver.dns import DnsService
+from pxeserver.mac import MacAddress
+from pxeserver.registry import Unavailable
+from pxeserver.tftp import TftpService
+from pxeserver.web.server import HttpService
+
+pytestmark = pytest.mark.skipif(not available(), reason="PostgreSQL is not installed")
+
+DOMAIN = "domu.example"
+MAC = "00:16:3e:00:0a:01"
+PROFILE = {"name": "deb", "kernel": "images/deb/linux", "initrd": "images/deb/initrd.gz",
+           "append": "console=hvc0"}
+
+
+def node(root: Path, url: str, address: str = "10.0.0.1") -> app.Context:
+    cfg = make_config(root, url)
+    cfg.server.address = address  # the DHCP server identifier and next-server
+    cfg.http.address = cfg.tftp.address = cfg.dns.address = "127.0.0.1"
+    cfg.dns.domain = DOMAIN
+    cfg.dhcp.pool_start, cfg.dhcp.pool_end = "10.0.0.100", "10.0.0.150"
+    return app.build(cfg)
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, pg_cluster: Cluster) -> Iterator[tuple[app.Context, app.Context]]:
+    url = pg_cluster.new_database()
+    a, b = node(tmp_path / "a", url), node(tmp_path / "b", url)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def tftp_get(port: int, name: str, scratch: Path) -> str | None:
+    """The file as tftp-hpa fetched it, or None if the server refused it."""
+    target = scratch / "fetched"
+    target.unlink(missing_ok=True)
+    done = subprocess.run(["tftp", "127.0.0.1", str(port), "-c", "get", name, str(target)],
+                          capture_output=True, text=True, timeout=30)
+    if "Error" in done.stderr + done.stdout or not target.exists():
+        return None
+    return target.read_text()
+
+
+def dhcp_offer(context: app.Context, mac: str) -> str | None:
+    """The address node's DHCP responder offers this MAC (a DISCOVER built by scapy)."""
+    request = bytes(BOOTP(op=1, xid=7, chaddr=MacAddress.parse(mac).packed + bytes(10))
+                    / DHCP(options=[("message-type", "discover"), "end"]))
+    reply = Responder(context).respond(request, ("0.0.0.0", 68), 67)
+    return None if reply is None else BOOTP(reply.payload).yiaddr
+
+
+def until(check: Callable[[], bool], limit: float = 5.0) -> float:
+    """Seconds until ``check`` first holds (polled; Unavailable counts as not yet); fails
+    after ``limit``."""
+    start = time.monotonic()
+    while not _holds(check):
+        assert time.monotonic() - start < limit, f"not visible after {limit} s"
+        time.sleep(0.005)
+    return time.monotonic() - start
+
+
+def _holds(check: Callable[[], bool]) -> bool:
+    try:
+        return check()
+    except Unavailable:
+        return False
+
+
+def test_a_change_through_node_a_is_answered_by_node_b_within_a_second(
+        nodes: tuple[app.Context, app.Context], tmp_path: Path) -> None:
+    a, b = nodes
+    a.provisioning.add_profile(PROFILE)
+    file_b = b.writer.host_path(MacAddress.parse(MAC))
+    name = f"pxelinux.cfg/{MacAddress.parse(MAC).pxelinux_name}"
+    with started(TftpService(b)) as tftp, started(HttpService(b)) as http, started(DnsService(b)) as dns:
+        base = f"http://127.0.0.1:{http.port}"
+        serial = int(dig(dns.port, DOMAIN, "SOA").answer[0][6])
+
+        def visible() -> dict[str, Callable[[], bool]]:
+            return {
+                "tftp": lambda: "kernel images/deb/linux" in (tftp_get(tftp.port, name, tmp_path) or ""),
+                "http": lambda: json.loads(curl(f"{base}/api/hosts/{MAC}").text or "{}").get("hostname") == "web1",
+                "dns": lambda: dig(dns.port, f"web1.{DOMAIN}", "A").values() == ["10.0.0.5"],
+                "dhcp": lambda: dhcp_offer(b, MAC) == "10.0.0.5",
+                "file": lambda: file_b.exists() and "kernel images/deb/linux" in file_b.read_text(),
+            }
+
+        changed = time.monotonic()
+        a.provisioning.add_host({"mac": MAC, "hostname": "web1", "profile": "deb", "ip": "10.0.0.5"})
+        seen = {}
+        for key, check in visible().items():
+            until(check)
+            seen[key] = time.monotonic() - changed
+        total = time.monotonic() - changed
+        print(f"add on A visible on B: {', '.join(f'{k} {v * 1000:.0f} ms' for k, v in seen.items())}"
+              f"; all five {total * 1000:.0f} ms")
+        assert total < 1.0, seen
+        assert int(dig(dns.port, DOMAIN, "SOA").answer[0][6]) > serial
+
+        # A change: renamed, readdressed and netboot off; node B follows in each protocol.
+        changed = time.monotonic()
+        a.provisioning.update_host(MacAddress.parse(MAC), {"hostname": "web2", "ip": "10.0.0.6",
+                                                           "netboot": False})
+        checks = {
+            "tftp": lambda: "localboot 0" in (tftp_get(tftp.port, name, tmp_path) or ""),
+            "http": lambda: json.loads(curl(f"{base}/api/hosts/{MAC}").text).get("hostname") == "web2",
+            "dns": lambda: (dig(dns.port, f"web2.{DOMAIN}", "A").values() == ["10.0.0.6"]
+                            and dig(dns.port, f"web1.{DOMAIN}", "A").status == "NXDOMAIN"),
+            "dhcp": lambda: dhcp_offer(b, MAC) == "10.0.0.6",
+            "file": lambda: "localboot 0" in file_b.read_text(),
+        }
+        seen = {}
+        for key, check in checks.items():
+            until(check)
+            seen[key] = time.monotonic() - changed
+        total = time.monotonic() - changed
+        print(f"update on A visible on B: {', '.join(f'{k} {v * 1000:.0f} ms' for k, v in seen.items())}")
+        assert total < 1.0, seen
+
+        # Deleted on A: gone from node B's answers and its disk.
+        changed = time.monotonic()
+        a.provisioning.delete_host(MacAddress.parse(MAC))
+        until(lambda: curl(f"{base}/api/hosts/{MAC}").status == 404)
+        until(lambda: not file_b.exists())
+        until(lambda: dig(dns.port, f"web2.{DOMAIN}", "A").status == "NXDOMAIN")
+        assert time.monotonic() - changed < 1.0
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[Cluster]:
+    """A cluster of the test's own, as the test kills it."""
+    cluster = Cluster()
+    yield cluster
+    cluster.destroy()
+
+
+def test_database_killed_nodes_answer_from_last_state_refuse_writes_and_recover(
+        own_cluster: Cluster, tmp_path: Path) -> None:
+    url = own_cluster.new_database()
+    with ExitStack() as stack:
+        a, b = node(tmp_path / "a", url), node(tmp_path / "b", url)
+        stack.callback(a.close)
+        stack.callback(b.close)
+        a.provisioning.add_profile(PROFILE)
+        a.provisioning.add_host({"mac": MAC, "hostname": "web1", "profile": "deb", "ip": "10.0.0.5"})
+        tftp = stack.enter_context(started(TftpService(b)))
+        http = stack.enter_context(started(HttpService(b)))
+        dns = stack.enter_context(started(DnsService(b)))
+        base = f"http://127.0.0.1:{http.port}"
+        name = f"pxelinux.cfg/{MacAddress.parse(MAC).pxelinux_name}"
+        until(lambda: dig(dns.port, f"web1.{DOMAIN}", "A").values() == ["10.0.0.5"])
+        until(lambda: curl(f"{base}/api/hosts/{MAC}").status == 200)
+
+        own_cluster.kill()
+        until(lambda: not b.store.healthy())  # type: ignore[attr-defined]
+        started_at = time.monotonic()
+        # Reads: what node B knew is still answered, by every protocol.
+        assert "kernel images/deb/linux" in (tftp_get(tftp.port, name, tmp_path) or "")
+        assert dig(dns.port, f"web1.{DOMAIN}", "A").values() == ["10.0.0.5"]
+        assert json.loads(curl(f"{base}/api/hosts/{MAC}").text)["hostname"] == "web1"
+        assert dhcp_offer(b, MAC) == "10.0.0.5"
+        # Writes: a clear 503, nothing half done.
+        refused = post_json(f"{base}/api/hosts", json.dumps(
+            {"mac": "00:16:3e:00:0a:02", "hostname": "web2", "profile": "deb"}))
+        assert refused.status == 503, refused.text
+        assert "registry database is unreachable" in json.loads(refused.text)["error"]
+        assert refused.headers.get("retry-after") == "5"
+        with pytest.raises(Unavailable):
+            a.provisioning.update_host(MacAddress.parse(MAC), {"hostname": "web9"})
+        outage_answers = time.monotonic() - started_at
+        print(f"during the outage: 4 reads answered and 2 writes refused in {outage_answers:.2f} s")
+        assert outage_answers < 5
+
+        own_cluster.start()
+        back = time.monotonic()
+        until(lambda: post_json(f"{base}/api/hosts", json.dumps(
+            {"mac": "00:16:3e:00:0a:02", "hostname": "web2", "profile": "deb", "ip": "10.0.0.7"})).status == 201, 15)
+        recovered = time.monotonic() - back
+        # The other node sees the write made through B once the database is back.
+        until(lambda: a.store.find_host(MacAddress.parse("00:16:3e:00:0a:02")) is not None, 15)
+        until(lambda: dig(dns.port, f"web2.{DOMAIN}", "A").values() == ["10.0.0.7"])
+        print(f"writes accepted again {recovered:.2f} s after the database restarted")
+
+
+def test_bulk_registration_through_a_kill_9_loses_nothing_acknowledged(
+        own_cluster: Cluster, tmp_path: Path) -> None:
+    url = own_cluster.new_database()
+    a = node(tmp_path / "a", url)
+    a.provisioning.add_profile(PROFILE)
+    acknowledged: list[str] = []
+    refused: list[str] = []
+    lock = threading.Lock()
+
+    def register(worker: int) -> None:
+        for i in range(150):
+            mac = f"00:16:3e:{worker:02x}:{i >> 8:02x}:{i & 0xFF:02x}"
+            try:
+                a.provisioning.add_host({"mac": mac, "hostname": f"h{worker}-{i}", "profile": "deb"})
+            except Unavailable:
+                with lock:
+                    refused.append(mac)
+                time.sleep(0.02)
+                continue
+            with lock:
+                acknowledged.append(mac)
+
+    workers = [threading.Thread(target=register, args=(w,)) for w in range(4)]
+    for worker in workers:
+        worker.start()
+    until(lambda: len(acknowledged) >= 100, 60)
+    own_cluster.kill()
+    time.sleep(1.0)
+    own_cluster.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    stored = {row[0] for row in database_rows(url, "SELECT mac FROM hosts")}
+    a.close()
+    print(f"bulk registration: {len(acknowledged)} acknowledged, {len(refused)} refused "
+          f"during the outage, {len(stored)} stored")
+    assert refused, "the kill did not interrupt the registration"
+    assert set(acknowledged) <= stored, sorted(set(acknowledged) - stored)[:5]
+    assert stored <= set(acknowledged) | set(refused)
+
+
+def dhcp(responder: Responder, lock: threading.Lock, kind: str, mac: str, *options: tuple[str, object],
+         ciaddr: str = "0.0.0.0") -> tuple[str, str] | None:
+    """(message type, yiaddr) of the node's reply to one packet, or None if it stays silent.
+    ``lock``: the node's DHCP service answers one packet at a time."""
+    request = bytes(BOOTP(op=1, xid=9, ciaddr=ciaddr, chaddr=MacAddress.parse(mac).packed + bytes(10))
+                    / DHCP(options=[("message-type", kind), *options, "end"]))
+    with lock:
+        reply = responder.respond(request, ("0.0.0.0", 68), 67)
+    if reply is None:
+        return None
+    parsed = BOOTP(reply.payload)
+    kinds = {2: "offer", 5: "ack", 6: "nak"}
+    message = next(o[1] for o in parsed[DHCP].options if isinstance(o, tuple) and o[0] == "message-type")
+    return kinds[message], parsed.yiaddr
+
+
+def test_two_dhcp_nodes_never_lease_one_address_to_two_macs(tmp_path: Path, pg_cluster: Cluster) -> None:
+    """Twenty clients race for a pool of twenty through two nodes at once, each DISCOVER to
+    both; then each rebinds through the node it did not use (its server is gone)."""
+    url = pg_cluster.new_database()
+    a, b = node(tmp_path / "a", url, "10.0.0.1"), node(tmp_path / "b", url, "10.0.0.2")
+    try:
+        a.provisioning.add_profile(PROFILE)
+        macs = [f"00:16:3e:00:0b:{i:02x}" for i in range(20)]
+        for i, mac in enumerate(macs):
+            a.provisioning.add_host({"mac": mac, "hostname": f"c{i}", "profile": "deb"})
+        for context in (a, b):
+            context.config.dhcp.pool_start, context.config.dhcp.pool_end = "10.0.0.100", "10.0.0.119"
+        servers = {"10.0.0.1": (Responder(a), threading.Lock()), "10.0.0.2": (Responder(b), threading.Lock())}
+        acked: dict[str, tuple[str, str]] = {}  # mac -> (ip, server)
+        naks = 0
+        lock = threading.Lock()
+
+        def client(index: int) -> None:
+            nonlocal naks
+            mac = macs[index]
+            for attempt in range(20):
+                order = list(servers) if (index + attempt) % 2 else list(reversed(servers))
+                offers = [(server, dhcp(*servers[server], "discover", mac)) for server in order]
+                chosen = next(((server, reply[1]) for server, reply in offers if reply), None)
+                if chosen is None:
+                    time.sleep(0.05)
+                    continue
+                server, ip = chosen
+                replies = {other: dhcp(*servers[other], "request", mac, ("server_id", server),
+                                       ("requested_addr", ip)) for other in order}
+                assert all(replies[other] is None for other in servers if other != server)
+                if replies[server] == ("ack", ip):
+                    with lock:
+                        acked[mac] = (ip, server)
+                    return
+                with lock:
+                    naks += 1
+            raise AssertionError(f"{mac} got no address in 20 rounds")
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(macs))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        ips = [ip for ip, _ in acked.values()]
+        print(f"two DHCP nodes: {len(acked)} clients bound, {naks} NAKs from lost races, "
+              f"{sum(1 for _, s in acked.values() if s == '10.0.0.1')} through node A")
+        assert len(acked) == len(macs)
+        assert len(set(ips)) == len(ips), "an address was acknowledged to two MACs"
+        stored = {row[0]: row[1] for row in database_rows(url, "SELECT mac, ip FROM leases")}
+        assert stored == {mac: ip for mac, (ip, _) in acked.items()}
+        # Its server is gone: each client rebinds (broadcast REQUEST with ciaddr, no server id)
+        # and renews through the other node, which acknowledges the same address.
+        for mac, (ip, server) in acked.items():
+            other = next(s for s in servers if s != server)
+            assert dhcp(*servers[other], "request", mac, ciaddr=ip) == ("ack", ip)
+    finally:
+        a.close()
+        b.close()
