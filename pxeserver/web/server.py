@@ -446,7 +446,11 @@ class HttpService:
             return
         # Close every socket from inside the event loop (the loop owns them); with its socket
         # map empty, waitress's loop returns.
-        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+        try:
+            server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+        except OSError as exc:  # the trigger's pipe is gone, so is the loop: close from here
+            log.warning("http: stopping without the event loop's trigger: %s", exc)
+            wasyncore.close_all(server._map, ignore_all=True)
         thread.join(timeout=5)
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
         self._server = self._thread = None
