@@ -17,6 +17,7 @@ from pxeserver.app import Context
 from pxeserver.mac import MacAddress
 from pxeserver.registry import Status
 from pxeserver.tftp import TftpService
+from pxeserver.tftp.events import BootFileClaims
 
 MAC_AS_TYPED = "AA:00:86:E2:35:72"  # pypxeboot keeps the case the user typed
 HOST_IP = "10.0.0.23"
@@ -192,3 +193,65 @@ def test_each_transfer_is_logged_once(service: TftpService, root: Path, tmp_path
             break
         time.sleep(0.1)
     assert len(lines) == 1 and "to 127.0.0.1 (1000 bytes, blksize 1468" in lines[0], lines
+
+
+def timeline(ctx: Context, mac: str) -> list[str]:
+    return [event.message for event in ctx.timeline.events(MacAddress.parse(mac))]
+
+
+def test_pypxeboot_kernel_and_initrd_from_dom0_go_to_the_host_whose_config_it_fetched(
+        ctx: Context, service: TftpService, tmp_path: Path) -> None:
+    """pypxeboot downloads from dom0's address (127.0.0.1 here), which no host has."""
+    add_host(ctx, ip=None)
+    assert pypxeboot_config(service.port, MAC_AS_TYPED, "192.0.2.99", tmp_path / "config") == "01-AA-00-86-E2-35-72"
+    for name in ("images/debian/linux", "images/debian/initrd.gz"):
+        assert pypxeboot_fetch(service.port, name, tmp_path / "file")
+    messages = wait_for_event(ctx, MAC_AS_TYPED, "sent images/debian/initrd.gz")
+    kernel = [m for m in messages if m.startswith("sent images/debian/linux ")]
+    assert kernel == ["sent images/debian/linux (300000 bytes, blksize 512) "
+                      "to 127.0.0.1, which fetched this host's boot config"]
+
+
+def test_two_domus_booting_through_one_dom0_get_one_kernel_and_one_initrd_each(
+        ctx: Context, service: TftpService, tmp_path: Path) -> None:
+    other = "00:16:3e:00:00:02"
+    add_host(ctx, ip=None)
+    add_host(ctx, mac=other, ip=None, hostname="web2")
+    add_host(ctx, mac="00:16:3e:00:00:03", ip=None, hostname="web3")  # boots nothing now
+    for mac in (MAC_AS_TYPED, other):
+        pypxeboot_config(service.port, mac, "192.0.2.99", tmp_path / "config")
+    for name in ("images/debian/linux", "images/debian/linux", "images/debian/initrd.gz",
+                 "images/debian/initrd.gz", "images/debian/initrd.gz"):  # the last: no one's
+        assert pypxeboot_fetch(service.port, name, tmp_path / "file")
+    wait_for_event(ctx, other, "sent images/debian/initrd.gz")
+    for mac in (MAC_AS_TYPED, other):
+        files = sorted(m.split()[1] for m in timeline(ctx, mac) if m.startswith("sent images/"))
+        assert files == ["images/debian/initrd.gz", "images/debian/linux"], (mac, timeline(ctx, mac))
+    assert not [m for m in timeline(ctx, "00:16:3e:00:00:03") if m.startswith("sent ")]
+
+
+def test_a_download_without_a_config_fetch_before_it_is_no_hosts(
+        ctx: Context, service: TftpService, tmp_path: Path) -> None:
+    add_host(ctx, ip=None)
+    (ctx.config.tftp_root / "pxelinux.0").write_bytes(b"x" * 100)
+    assert pypxeboot_fetch(service.port, "images/debian/linux", tmp_path / "file")  # before the config
+    pypxeboot_config(service.port, MAC_AS_TYPED, "192.0.2.99", tmp_path / "config")
+    assert pypxeboot_fetch(service.port, "pxelinux.0", tmp_path / "file")  # not named in its config
+    assert pypxeboot_fetch(service.port, "images/debian/linux", tmp_path / "file")
+    # Events are recorded in order: once the last download is there, the others were judged.
+    wait_for_event(ctx, MAC_AS_TYPED, "sent images/debian/linux")
+    size = len((tmp_path / "config").read_bytes())
+    assert [m.split(" to ")[0] for m in timeline(ctx, MAC_AS_TYPED) if m.startswith("sent ")] == [
+        f"sent pxelinux.cfg/01-AA-00-86-E2-35-72 ({size} bytes, blksize 512)",
+        "sent images/debian/linux (300000 bytes, blksize 512)"], timeline(ctx, MAC_AS_TYPED)
+
+
+def test_a_claim_ends_with_its_window() -> None:
+    claims = BootFileClaims(window=60.0)
+    mac = MacAddress.parse(MAC_AS_TYPED)
+    claims.claim("10.0.0.2", mac, {"images/k", "images/i"}, now=1000.0)
+    assert claims.owner("10.0.0.3", "images/k", started=1001.0, now=1002.0) is None  # another address
+    assert claims.owner("10.0.0.2", "images/k", started=1061.0, now=1070.0) is None  # too late
+    assert claims.owner("10.0.0.2", "images/k", started=1059.0, now=1300.0) == mac  # a long transfer
+    assert claims.owner("10.0.0.2", "images/k", started=1301.0, now=1302.0) is None  # had it already
+    assert claims.owner("10.0.0.2", "images/i", started=1359.0, now=1400.0) == mac  # window from the last

@@ -4,22 +4,35 @@ Tying a transfer to a host needs a registry read (the host by IP), and moving it
 NETBOOTING may write; neither belongs on the thread that sends DATA packets. The event loop
 only queues a :class:`Transfer`; one worker thread resolves the host, logs the line
 ``pxeserver serve`` shows, records the event and advances the host's lifecycle.
+
+pypxeboot downloads a domU's kernel and initrd from dom0's address, which is no host's: only
+the config name it fetched first says whose boot it is. :class:`BootFileClaims` carries that
+over to the downloads that follow it.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-from dataclasses import dataclass
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from pxeserver.mac import InvalidMac, MacAddress
 from pxeserver.offpath import OffPathWorker
-from pxeserver.policy import PXELINUX_DIR, BootPolicy
+from pxeserver.policy import PXELINUX_DIR, BootPolicy, NetBoot
 from pxeserver.registry import Status
+from pxeserver.tftp.files import normalise
+from pxeserver.tftp.packets import TftpError
 
 log = logging.getLogger(__name__)
 
 QUEUE_LIMIT = 100_000
+# Seconds from a host's config fetch, or from its last download, to the start of its next one.
+ATTRIBUTION_WINDOW = 60.0
+CLAIMS_PER_ADDRESS = 64  # domUs booting through one dom0 at once, at most, that are told apart
+CLAIM_ADDRESSES = 4096  # addresses with claims kept; the least recently claiming go first
+CLAIM_LIFETIME = 3600.0  # seconds a claim with files left is kept: past any transfer's length
 
 
 @dataclass(frozen=True)
@@ -54,9 +67,71 @@ def host_mac(policy: BootPolicy, transfer: Transfer) -> MacAddress | None:
     return None if host is None else host.mac
 
 
+@dataclass
+class _Claim:
+    mac: MacAddress
+    seen: float  # monotonic: the config fetch, then the end of each download given to it
+    files: set[str] = field(default_factory=set)  # its kernel and initrd, not yet downloaded
+
+
+class BootFileClaims:
+    """Which host a kernel or initrd download from an address that is no host's belongs to.
+
+    When a host's boot config is fetched from an address, that host claims its spec's kernel
+    and initrd from that address. A later download of one of them from there, starting within
+    :data:`ATTRIBUTION_WINDOW` of the claim's last activity, goes to the oldest claim still
+    lacking that file; so several domUs booting through one dom0 at once get one kernel and
+    one initrd each. Used by the one events thread only, so it needs no lock.
+    """
+
+    def __init__(self, window: float = ATTRIBUTION_WINDOW) -> None:
+        self.window = window
+        self._by_address: OrderedDict[str, list[_Claim]] = OrderedDict()
+
+    def claim(self, address: str, mac: MacAddress, files: set[str], now: float) -> None:
+        claims = [c for c in self._live(address, now) if c.mac != mac]
+        claims.append(_Claim(mac, now, files))
+        self._by_address[address] = claims[-CLAIMS_PER_ADDRESS:]
+        self._by_address.move_to_end(address)
+        while len(self._by_address) > CLAIM_ADDRESSES:
+            self._by_address.popitem(last=False)
+
+    def owner(self, address: str, name: str, started: float, now: float) -> MacAddress | None:
+        """The host a download of ``name`` from ``address``, begun at ``started``, is for."""
+        for claim in self._live(address, now):
+            if name in claim.files and started - claim.seen <= self.window:
+                claim.files.discard(name)
+                claim.seen = now
+                return claim.mac
+        return None
+
+    def _live(self, address: str, now: float) -> list[_Claim]:
+        """The address's claims that can still match, oldest first; spent and old ones go.
+
+        A download is recorded when it ends, long after it began under a slow guest, so
+        claims are kept far longer than the window they are matched with."""
+        claims = [c for c in self._by_address.get(address, []) if c.files and now - c.seen <= CLAIM_LIFETIME]
+        if claims:
+            self._by_address[address] = claims
+        else:
+            self._by_address.pop(address, None)
+        return claims
+
+
+def _boot_files(spec: NetBoot) -> set[str]:
+    files = set()
+    for path in (spec.kernel, spec.initrd):
+        try:
+            files.add(normalise(path))
+        except TftpError:  # a path no client can download: nothing to claim
+            pass
+    return files
+
+
 class EventRecorder:
     def __init__(self, policy: BootPolicy) -> None:
         self.policy = policy
+        self.claims = BootFileClaims()
         self.worker = OffPathWorker("tftp-events", self._record, QUEUE_LIMIT)
         self.worker.start()
 
@@ -71,10 +146,18 @@ class EventRecorder:
         log.info("tftp: sent %s to %s (%d bytes, blksize %d, %.2f s, %d packets, %d resent, %d wrong TID)",
                  transfer.name, transfer.client_ip, transfer.size, transfer.blksize, transfer.seconds,
                  transfer.packets, transfer.retransmits, transfer.wrong_tid)
-        mac = host_mac(self.policy, transfer)
-        if mac is None or self.policy.host(mac) is None:
-            return
+        now = time.monotonic()
         what = f"sent {transfer.name} ({transfer.size} bytes, blksize {transfer.blksize})"
-        self.policy.record(mac, "tftp", what, logged=True)
+        mac = host_mac(self.policy, transfer)
+        if mac is None and not transfer.boot_config:
+            mac = self.claims.owner(transfer.client_ip, transfer.name, now - transfer.seconds, now)
+            what += f" to {transfer.client_ip}, which fetched this host's boot config"
+        host = None if mac is None else self.policy.host(mac)
+        if host is None:
+            return
+        self.policy.record(host.mac, "tftp", what, logged=True)
         if transfer.boot_config:
-            self.policy.advance(mac, Status.NETBOOTING)
+            spec = self.policy.host_spec(host)
+            if isinstance(spec, NetBoot):
+                self.claims.claim(transfer.client_ip, host.mac, _boot_files(spec), now)
+            self.policy.advance(host.mac, Status.NETBOOTING)
