@@ -86,6 +86,19 @@ def veth_link(tag: str, prefix: int = 24) -> Iterator[Link]:
             run("ip", "netns", "del", namespace, check=False)
 
 
+def guest_tftp_get(link: Link, workdir: Path, name: str) -> bytes:
+    """The tftp-hpa client in the client namespace; the file's bytes (empty if none came)."""
+    target = workdir / "fetched"
+    target.unlink(missing_ok=True)
+    link.in_client("tftp", SERVER_IP, "-m", "binary", "-c", "get", name, str(target), check=False)
+    return target.read_bytes() if target.exists() else b""
+
+
+def guest_curl(link: Link, *args: str) -> str:
+    """curl in the client namespace; its output, failing on an HTTP error."""
+    return link.in_client("curl", "-fsS", "--max-time", "20", *args).stdout
+
+
 def can_make_namespaces() -> bool:
     return os.geteuid() == 0 and os.path.exists("/proc/thread-self/ns/net")
 

@@ -27,6 +27,8 @@ from dhcp_support import (
     SERVER_IP,
     Link,
     can_make_namespaces,
+    guest_curl,
+    guest_tftp_get,
     udhcpc,
     veth_link,
 )
@@ -46,18 +48,6 @@ def cli(workdir: Path, *args: str) -> str:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
-
-
-def tftp_get(link: Link, workdir: Path, name: str) -> bytes:
-    """The tftp-hpa client in the guest's namespace; the file's bytes (empty if none came)."""
-    target = workdir / "fetched"
-    target.unlink(missing_ok=True)
-    link.in_client("tftp", SERVER_IP, "-m", "binary", "-c", "get", name, str(target), check=False)
-    return target.read_bytes() if target.exists() else b""
-
-
-def curl(link: Link, *args: str) -> str:
-    return link.in_client("curl", "-fsS", "--max-time", "20", *args).stdout
 
 
 def dig(link: Link, *args: str) -> str:
@@ -129,12 +119,12 @@ def test_a_guest_goes_from_dhcp_to_installed_and_then_boots_locally(workdir: Pat
         link.in_client("ip", "addr", "add", f"{GUEST_IP}/24", "dev", CLIENT_IF)
 
         # 2. TFTP: the boot loader, then the config by the MAC as a user typed it.
-        assert tftp_get(link, workdir, "pxelinux.0") == Path("/usr/lib/PXELINUX/pxelinux.0").read_bytes()
-        config = tftp_get(link, workdir, "pxelinux.cfg/01-00-16-3E-12-34-56").decode()
+        assert guest_tftp_get(link, workdir, "pxelinux.0") == Path("/usr/lib/PXELINUX/pxelinux.0").read_bytes()
+        config = guest_tftp_get(link, workdir, "pxelinux.cfg/01-00-16-3E-12-34-56").decode()
         append = dict(w.split("=", 1) for w in re.search(r"append (.*)", config).group(1).split())
         kernel = re.search(r"kernel (\S+)", config).group(1)
-        assert tftp_get(link, workdir, kernel) == (workdir / "tftproot" / kernel).read_bytes()
-        curl(link, "-o", str(workdir / "initrd"), f"http://{SERVER_IP}/boot/{append['initrd']}")
+        assert guest_tftp_get(link, workdir, kernel) == (workdir / "tftproot" / kernel).read_bytes()
+        guest_curl(link, "-o", str(workdir / "initrd"), f"http://{SERVER_IP}/boot/{append['initrd']}")
         assert (workdir / "initrd").read_bytes() == (workdir / "tftproot" / append["initrd"]).read_bytes()
 
         # 3. The installer: its name service and its preseed.
@@ -144,7 +134,7 @@ def test_a_guest_goes_from_dhcp_to_installed_and_then_boots_locally(workdir: Pat
         # Another machine on the bridge (the namespace's first address) gets nothing.
         status = ("-s", "-o", "/dev/null", "-w", "%{http_code}", "--interface", RELAY_IP)
         assert link.in_client("curl", *status, append["url"]).stdout == "403"
-        preseed = curl(link, "--interface", GUEST_IP, append["url"])
+        preseed = guest_curl(link, "--interface", GUEST_IP, append["url"])
         assert "d-i partman-auto/disk string /dev/xvda" in preseed
         callback = re.search(r"curl -fsS -X POST '([^']+)'", preseed).group(1)
         assert json.loads(cli(workdir, "host", "show", MAC))["status"] == "installing"
@@ -152,13 +142,13 @@ def test_a_guest_goes_from_dhcp_to_installed_and_then_boots_locally(workdir: Pat
         # 4. Install done: the callback, once, from the guest; the next boot is local.
         assert link.in_client("curl", *status, "-X", "POST", callback).stdout == "403"
         assert json.loads(cli(workdir, "host", "show", MAC))["status"] == "installing"
-        assert json.loads(curl(link, "--interface", GUEST_IP, "-X", "POST", callback))["status"] == "installed"
+        assert json.loads(guest_curl(link, "--interface", GUEST_IP, "-X", "POST", callback))["status"] == "installed"
         replay = link.in_client("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--interface", GUEST_IP,
                                 "-X", "POST", callback)
         assert replay.stdout == "403"
-        assert "localboot 0" in tftp_get(link, workdir, "pxelinux.cfg/01-00-16-3e-12-34-56").decode()
+        assert "localboot 0" in guest_tftp_get(link, workdir, "pxelinux.cfg/01-00-16-3e-12-34-56").decode()
 
-        events = json.loads(curl(link, f"http://{SERVER_IP}/api/hosts/{MAC}/events"))
+        events = json.loads(guest_curl(link, f"http://{SERVER_IP}/api/hosts/{MAC}/events"))
         sources = [e["source"] for e in events]
         for earlier, later in (("dhcp", "tftp"), ("tftp", "http"), ("http", "callback")):
             assert sources.index(earlier) < sources.index(later), sources

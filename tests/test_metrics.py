@@ -22,7 +22,18 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, started
-from dhcp_support import CLIENT_IF, SERVER_IF, SERVER_IP, Link, can_make_namespaces, inside, udhcpc, veth_link
+from dhcp_support import (
+    CLIENT_IF,
+    SERVER_IF,
+    SERVER_IP,
+    Link,
+    can_make_namespaces,
+    guest_curl,
+    guest_tftp_get,
+    inside,
+    udhcpc,
+    veth_link,
+)
 from http_support import MAC, PROFILE, curl
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
@@ -228,17 +239,6 @@ class Watcher:
         return after
 
 
-def tftp_get(link: Link, directory: Path, name: str) -> bytes:
-    target = directory / "fetched"
-    target.unlink(missing_ok=True)
-    link.in_client("tftp", SERVER_IP, "-m", "binary", "-c", "get", name, str(target), check=False)
-    return target.read_bytes() if target.exists() else b""
-
-
-def guest_curl(link: Link, *args: str) -> str:
-    return link.in_client("curl", "-fsS", "--max-time", "20", *args).stdout
-
-
 @contextmanager
 def pxeserver_serve(link: Link, workdir: Path) -> Iterator[None]:
     server = subprocess.Popen(
@@ -335,9 +335,9 @@ def test_counters_follow_a_guest_booting_with_real_clients(workdir: Path) -> Non
 
         # 2. TFTP: the host's config and the kernel, every byte counted once.
         tftp_bytes = value(watch.series, "pxeserver_sent_bytes_total", protocol="tftp")
-        config = tftp_get(link, workdir, f"pxelinux.cfg/01-{GUEST_MAC.replace(':', '-')}")
+        config = guest_tftp_get(link, workdir, f"pxelinux.cfg/01-{GUEST_MAC.replace(':', '-')}")
         assert b"kernel images/debian12/linux" in config
-        assert len(tftp_get(link, workdir, "images/debian12/linux")) == KERNEL_SIZE
+        assert len(guest_tftp_get(link, workdir, "images/debian12/linux")) == KERNEL_SIZE
         series = watch.step({"pxeserver_requests_total{kind=read,protocol=tftp}": 2,
                              "pxeserver_replies_total{kind=transfer,protocol=tftp}": 2})
         assert value(series, "pxeserver_sent_bytes_total", protocol="tftp") - tftp_bytes == len(config) + KERNEL_SIZE
@@ -433,7 +433,7 @@ def test_counters_follow_a_guest_booting_with_real_clients(workdir: Path) -> Non
 
         # A good client is served after all of it, and nothing failed inside the server.
         kernel = (workdir / "tftproot/images/debian12/linux").read_bytes()
-        assert tftp_get(link, workdir, "images/debian12/linux") == kernel
+        assert guest_tftp_get(link, workdir, "images/debian12/linux") == kernel
         final = watch.scrape()
         assert not any(value(final, "pxeserver_errors_total", protocol=p) for p in ("tftp", "http", "dhcp", "dns"))
         for holder in [*holders, garbage]:
