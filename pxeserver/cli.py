@@ -22,7 +22,7 @@ from pxeserver.imports import IMPORT_ERRORS, progress as import_progress, run_im
 from pxeserver.imports.layouts import ARCHES
 from pxeserver.mac import InvalidMac, MacAddress
 from pxeserver.provisioning import InvalidToken
-from pxeserver.registry import Conflict, NotFound, Unavailable, ValidationError, is_postgresql
+from pxeserver.registry import Conflict, NotFound, Unavailable, ValidationError, describe_database, is_postgresql
 from pxeserver.registry.models import XenSettings
 
 USER_ERRORS = (ValidationError, InvalidMac, NotFound, Conflict, InvalidToken, Unavailable,
@@ -348,16 +348,6 @@ def db() -> None:
     """The registry database: schema migrations and a health check."""
 
 
-def _database_name(database: str) -> str:
-    """The database as a log line may show it: a PostgreSQL URL without its password."""
-    if not is_postgresql(database):
-        return f"SQLite {database}"
-    from psycopg.conninfo import conninfo_to_dict
-
-    info = conninfo_to_dict(database)
-    return f"PostgreSQL {info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
-
-
 def _sqlite_version(path: str) -> int:
     import sqlite3
 
@@ -382,9 +372,9 @@ def db_migrate(ctx: click.Context) -> None:
             SqliteStore(cfg.database).close()
             after = len(MIGRATIONS)
     except Exception as exc:  # unreachable server, refused login, a newer schema
-        _fail(f"{_database_name(cfg.database)}: {str(exc).strip().splitlines()[0]}")
+        _fail(f"{describe_database(cfg.database)}: {str(exc).strip().splitlines()[0]}")
     change = f"from {before} to {after}" if before != after else f"{after}, up to date"
-    click.echo(f"{_database_name(cfg.database)}: schema version {change}")
+    click.echo(f"{describe_database(cfg.database)}: schema version {change}")
 
 
 @db.command("check")
@@ -407,8 +397,8 @@ def db_check(ctx: click.Context) -> None:
                 raise RuntimeError(f"schema version {version}; this pxeserver needs "
                                    f"{len(MIGRATIONS)} (run 'pxeserver db migrate')")
     except Exception as exc:
-        _fail(f"{_database_name(cfg.database)}: {str(exc).strip().splitlines()[0]}")
-    click.echo(f"{_database_name(cfg.database)}: reachable, schema version {version} (current)")
+        _fail(f"{describe_database(cfg.database)}: {str(exc).strip().splitlines()[0]}")
+    click.echo(f"{describe_database(cfg.database)}: reachable, schema version {version} (current)")
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pxeserver import app
 from pxeserver.app import Context
 from pxeserver.config import Config
-from pxeserver.registry import Unavailable
+from pxeserver.registry import Unavailable, describe_database
 from pxeserver.service import Service
 
 log = logging.getLogger("pxeserver")
@@ -116,12 +116,14 @@ def _command() -> str:
 
 def _banner(config: Config, services: list[Service]) -> None:
     print(f"pxeserver: configuration from {config.source}", flush=True)
-    print(f"pxeserver: registry {config.database}", flush=True)
+    print(f"pxeserver: registry {describe_database(config.database)}", flush=True)
     print(f"pxeserver: TFTP root {config.tftp_root}", flush=True)
     print(f"pxeserver: clients are told this server is {config.advertised_address}", flush=True)
     for service in services:
         for endpoint in service.endpoints():
             print(f"pxeserver: {service.name} listening on {endpoint}", flush=True)
+    if config.http.enabled:
+        print(f"pxeserver: dashboard at {config.http_base_url}/", flush=True)
     if not config.api.token and config.http.enabled and _api_exposed(config):
         print(
             "pxeserver: WARNING: the API answers reads and writes from anyone who can reach "

@@ -23,10 +23,12 @@ from pxeserver.mac import MacAddress
 from pxeserver.registry import SqliteStore
 
 
-def start_server(tmp_path: Path, extra: str = "", **ports: int) -> tuple[subprocess.Popen[str], list[str]]:
-    """`pxeserver serve` on loopback with these ports; ``extra``: more of its config file."""
+def start_server(tmp_path: Path, extra: str = "", server: str = "",
+                 **ports: int) -> tuple[subprocess.Popen[str], list[str]]:
+    """`pxeserver serve` on loopback with these ports; ``server``: more of its [server] section,
+    ``extra``: more sections of its config file."""
     (tmp_path / "pxeserver.toml").write_text(
-        '[server]\naddress = "127.0.0.1"\n'
+        f'[server]\naddress = "127.0.0.1"\n{server}'
         f'[tftp]\naddress = "127.0.0.1"\nport = {ports["tftp"]}\n'
         f'[http]\naddress = "127.0.0.1"\nport = {ports["http"]}\n' + extra
     )
@@ -65,6 +67,8 @@ def test_banner_says_where_each_service_listens_and_sigterm_exits_cleanly(tmp_pa
     text = "\n".join(banner)
     assert f"tftp listening on tftp://127.0.0.1:{ports['tftp']}" in text
     assert f"http listening on http://127.0.0.1:{ports['http']}" in text
+    assert f"dashboard at http://127.0.0.1:{ports['http']}/" in text
+    assert f"registry SQLite {tmp_path / 'var' / 'registry.db'}" in text
     command = re.search(r"next: (.+?) profile add", text).group(1)
     listed = subprocess.run([*shlex.split(command), "profile", "list"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
@@ -75,6 +79,16 @@ def test_banner_says_where_each_service_listens_and_sigterm_exits_cleanly(tmp_pa
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=20) == 0
     assert "Traceback" not in process.stderr.read()
+
+
+def test_banner_names_a_postgresql_registry_without_its_password(tmp_path, ports, pg_cluster) -> None:
+    url = pg_cluster.new_database().replace("pxeserver@", "pxeserver:s3cret@")
+    process, banner = start_server(tmp_path, server=f'database = "{url}"\n', **ports)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=20) == 0
+    text = "\n".join(banner) + process.stderr.read()
+    assert f"registry PostgreSQL 127.0.0.1:{pg_cluster.port}/" in text
+    assert "s3cret" not in text
 
 
 def test_sigint_exits_cleanly_too(tmp_path, ports) -> None:

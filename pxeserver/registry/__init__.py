@@ -19,6 +19,16 @@ def is_postgresql(database: str) -> bool:
     return database.startswith(("postgresql://", "postgres://"))
 
 
+def describe_database(database: str) -> str:
+    """The database as a log line may show it: a PostgreSQL URL without its password."""
+    if not is_postgresql(database):
+        return f"SQLite {database}"
+    from psycopg.conninfo import conninfo_to_dict
+
+    info = conninfo_to_dict(database)
+    return f"PostgreSQL {info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
 def open_store(database: str) -> Store:
     """The store for a configured database: a ``postgresql://`` URL (several nodes share it)
     or a SQLite file path."""
@@ -31,6 +41,6 @@ def open_store(database: str) -> Store:
 
 __all__ = [
     "BootFile", "Change", "Conflict", "Event", "Host", "HostSummary", "Lease", "NotFound", "Profile",
-    "SqliteStore", "Status", "Store", "Unavailable", "ValidationError", "XenSettings", "is_postgresql",
-    "open_store",
+    "SqliteStore", "Status", "Store", "Unavailable", "ValidationError", "XenSettings", "describe_database",
+    "is_postgresql", "open_store",
 ]
