@@ -2,8 +2,9 @@
 
 The server runs as a user runs it (a child process, `pxeserver serve` on loopback). A small
 launcher in the child keeps a handle on each real service and, when the test says so, breaks
-one service's loop the way a fault would: it closes the TFTP loop's epoll object, or one of
-the DHCP service's sockets. Nothing in pxeserver itself knows about the test.
+one service's loop the way a fault would: it closes the TFTP loop's epoll object or one of
+the DHCP service's sockets, or puts a pipe where the DNS UDP socket was. Nothing in
+pxeserver itself knows about the test.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 from conftest import free_port
 
 LAUNCHER = """
-import sys, threading
+import os, sys, threading
 from pxeserver import serve
 from pxeserver.cli import main
 
@@ -37,7 +38,16 @@ serve.FACTORIES = [(name, keep(name, factory)) for name, factory in serve.FACTOR
 FAULTS = {
     "tftp": lambda service: service._epoll.close(),
     "dhcp": lambda service: service._sockets[0].close(),
+    "dns": lambda service: break_udp(service),
 }
+
+def break_udp(service):
+    # The UDP socket's descriptor now names a pipe holding data, and the loop is woken: every
+    # receive fails with ENOTSOCK, which no ICMP error explains.
+    readable, writable = os.pipe()
+    os.write(writable, b"x")
+    os.dup2(readable, service._udp.fileno())
+    service._udp_wake[1].send(b"x")
 
 def break_one():
     victim = sys.stdin.readline().strip()
@@ -80,6 +90,7 @@ def launch(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
 
 @pytest.mark.parametrize("victim", [
     "tftp",
+    "dns",
     pytest.param("dhcp", marks=pytest.mark.skipif(
         not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() != 0,
         reason="the DHCP service binds to an interface: root only")),
@@ -98,7 +109,7 @@ def test_a_service_that_dies_stops_the_others_and_exits_1(tmp_path: Path, victim
     failures = [line for line in log.splitlines() if " failed" in line]
     assert len(failures) == 1, log
     assert re.search(rf"pxeserver: {victim} failed: (ValueError|OSError): .+", failures[0]), log
-    others = {"dns", "tftp", "http", "dhcp"} - {victim} if victim == "dhcp" else {"dns", "http"}
+    others = ({"dns", "tftp", "http"} | ({"dhcp"} if victim == "dhcp" else set())) - {victim}
     for name in others:
         assert f"pxeserver: stopped {name}" in log, f"{name} stopped cleanly: {log}"
     assert "Traceback" not in log and "stopping" in log

@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 UDP_BATCH = 256  # datagrams handled per wake-up before looking at the stop signal again
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+# What a UDP socket reports for an ICMP error answering an earlier reply: the next datagram is
+# fine. Any other receive error means the socket itself is broken.
+ICMP_ERRORS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
+                         errno.ENETDOWN, errno.EMSGSIZE})
 MAX_DATAGRAM = 4096  # longer datagrams are cut here and then fail to parse: FORMERR
 MAX_TCP_CONNECTIONS = 128
 MAX_TCP_PER_CLIENT = 16
@@ -155,8 +159,10 @@ class DnsService:
                         query, client = receive(MAX_DATAGRAM)
                     except BlockingIOError:
                         break
-                    except OSError:  # an ICMP error from an earlier reply: nothing to do
-                        continue
+                    except OSError as exc:
+                        if exc.errno in ICMP_ERRORS:  # an ICMP error from an earlier reply
+                            continue
+                        raise  # the socket itself is broken: the supervisor ends serve
                     try:
                         reply = respond(query, False, client[0])
                     except Exception:  # a bug for one query must not stop the next client
