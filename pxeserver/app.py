@@ -32,8 +32,8 @@ class Context:
 
 def build(config: Config) -> Context:
     store = open_store(config.database)
-    timeline = Timeline(store, config.server.events_per_host)
     metrics = Metrics()
+    timeline = Timeline(store, config.server.events_per_host, metrics.queue_drop("timeline"))
     policy = BootPolicy(store, config, timeline, metrics)
     metrics.watch_registry(policy.tally)
     writer = BootConfigWriter(config.tftp_root, policy)

@@ -47,6 +47,7 @@ INSTALL_BUCKETS = (60, 120, 300, 600, 900, 1200, 1800, 2700, 3600, 5400, 7200, 1
 _DHCP_TYPES = {1: "discover", 2: "offer", 3: "request", 4: "decline", 5: "ack", 6: "nak",
                7: "release", 8: "inform"}
 _DNS_RCODES = {0: "noerror", 1: "formerr", 2: "servfail", 3: "nxdomain", 4: "notimp", 5: "refused"}
+QUEUES = ("timeline", "dhcp-status", "tftp-events")  # the bounded queues in front of the registry
 _HTTP_PATHS = frozenset({"api", "ks", "preseed", "ipxe", "boot", "dom0"})
 
 
@@ -227,6 +228,12 @@ class Metrics:
                                  ["status"], registry=registry)
         for status in Status:
             self.lifecycle.labels(status.value)
+        self._queue_drops = Counter("pxeserver_queue_drops",
+                                    "Timeline events and host status changes lost: their queue to the "
+                                    "registry was full, or the registry refused them", ["queue"],
+                                    registry=registry)
+        for queue in QUEUES:
+            self._queue_drops.labels(queue)
         self.install_duration = Histogram("pxeserver_install_duration_seconds",
                                           "Installs, from registered (or netboot turned on) to installed",
                                           buckets=INSTALL_BUCKETS, registry=registry)
@@ -250,6 +257,11 @@ class Metrics:
         self.lifecycle.labels(status.value).inc()
         if install_seconds is not None:
             self.install_duration.observe(install_seconds)
+
+    def queue_drop(self, queue: str) -> Callable[[int], None]:
+        """What a queue in front of the registry calls with the number of items it lost."""
+        assert queue in QUEUES, queue
+        return self._queue_drops.labels(queue).inc
 
     def watch_registry(self, size: Callable[[], Tally]) -> None:
         self.registry.register(RegistryCollector(size))

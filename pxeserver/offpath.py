@@ -4,7 +4,7 @@ A host's status change is a durable write (an fsync) and tying a transfer to a h
 registry read; on the thread that answers packets either would throttle every other client.
 The TFTP and DHCP services hand such work to an :class:`OffPathWorker` instead. The queue is
 bounded, so a flood cannot grow memory; what does not fit is reported to the caller, which
-knows what losing it means.
+knows what losing it means, and counted through ``on_drop``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ Item = TypeVar("Item")
 
 
 class OffPathWorker(Generic[Item]):
-    def __init__(self, name: str, handle: Callable[[Item], None], capacity: int) -> None:
+    def __init__(self, name: str, handle: Callable[[Item], None], capacity: int,
+                 on_drop: Callable[[int], None]) -> None:
         self.name = name
         self._handle = handle
+        self._on_drop = on_drop
         self._queue: queue.Queue[tuple[Item] | None] = queue.Queue(maxsize=capacity)
         self._thread: threading.Thread | None = None
 
@@ -36,6 +38,7 @@ class OffPathWorker(Generic[Item]):
         try:
             self._queue.put_nowait((item,))
         except queue.Full:
+            self._on_drop(1)
             return False
         return True
 

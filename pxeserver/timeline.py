@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from pxeserver.feed import EventFeed
 from pxeserver.mac import MacAddress
@@ -24,8 +25,10 @@ MAX_BATCH = 1000
 
 
 class Timeline:
-    def __init__(self, store: Store, keep_per_host: int = 1000) -> None:
+    def __init__(self, store: Store, keep_per_host: int, on_drop: Callable[[int], None]) -> None:
+        """``on_drop(n)``: n events were lost (queue full, or the registry refused the batch)."""
         self.store = store
+        self._on_drop = on_drop
         self.keep_per_host = keep_per_host
         self.feed = EventFeed()  # every event as it is recorded, for the dashboard's live pages
         self._queue: queue.Queue[Event | threading.Event | None] = queue.Queue(maxsize=100_000)
@@ -38,16 +41,17 @@ class Timeline:
             self._queue.put_nowait(event)
         except queue.Full:
             log.warning("timeline queue full: dropped %s event for %s", source, mac)
+            self._on_drop(1)
             return
         # Live pages see it now, not after the batched commit: under a boot storm the writer
         # waits its turn for the registry's write lock, which would be the pages' lag.
         self.feed.publish((event,))
 
-    def flush(self) -> None:
-        """Return once every event recorded before the call is stored."""
+    def flush(self, timeout: float = 10) -> bool:
+        """Wait until every event recorded before the call is stored; False if ``timeout`` came first."""
         done = threading.Event()
         self._queue.put(done)
-        done.wait(timeout=10)
+        return done.wait(timeout=timeout)
 
     def events(self, mac: MacAddress) -> list[Event]:
         self.flush()
@@ -76,8 +80,10 @@ class Timeline:
                 self.store.add_events(batch, keep=self.keep_per_host)
             except Unavailable as exc:  # the shared database is away; the store logs the outage
                 log.warning("dropped %d timeline events: %s", len(batch), exc)
+                self._on_drop(len(batch))
             except Exception:  # a failing disk must not kill the writer
                 log.exception("could not store %d timeline events", len(batch))
+                self._on_drop(len(batch))
             for waiter in waiters:
                 waiter.set()
             if stop:

@@ -130,10 +130,53 @@ def test_the_exposition_passes_promtool_and_names_no_host(ctx: Context, tmp_path
     assert value(series, "pxeserver_hosts", status="installing") == 1  # the kickstart was served
     assert value(series, "pxeserver_profiles") == 1
     assert value(series, "pxeserver_lifecycle_steps_total", status="installing") == 1
+    for queue in ("timeline", "dhcp-status", "tftp-events"):
+        assert (("pxeserver_queue_drops_total", frozenset({("queue", queue)})) in series
+                and value(series, "pxeserver_queue_drops_total", queue=queue) == 0), queue
     # Counts only: no MAC in any spelling, no host name, no address of a host.
     text = reply.text.lower()
     for secret in (MAC, MAC.replace(":", "-"), MAC.replace(":", ""), "web1", "127.0.0.9"):
         assert secret not in text, secret
+
+
+@contextmanager
+def events_table_locked(ctx: Context, store_kind: str) -> Iterator[None]:
+    """Another client holds the registry's write lock on the events, as a long transaction would."""
+    if store_kind == "postgresql":
+        import psycopg
+
+        with psycopg.connect(ctx.config.database) as conn:
+            conn.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+            yield
+    else:
+        import sqlite3
+
+        conn = sqlite3.connect(ctx.config.database, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
+
+
+def test_timeline_events_lost_to_a_full_queue_are_counted(ctx: Context, store_kind: str,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    registered(ctx)
+    mac = ctx.store.get_host(MAC).mac
+    recorded = 102_000  # the queue holds 100,000 and the blocked writer took at most one batch
+    with events_table_locked(ctx, store_kind):
+        for number in range(recorded):
+            ctx.timeline.record(mac, "test", f"event {number}")
+    assert ctx.timeline.flush(timeout=300), "the writer catches up once the lock is gone"
+    ctx.timeline.record(mac, "test", "after the lock")
+    with serving(ctx) as base:
+        series = parse(curl(f"{base}/metrics").text)
+    dropped = value(series, "pxeserver_queue_drops_total", queue="timeline")
+    logged = sum("timeline queue full" in record.getMessage() for record in caplog.records)
+    assert 1000 <= dropped <= 2000 and dropped == logged, (dropped, logged)
+    assert value(series, "pxeserver_queue_drops_total", queue="dhcp-status") == 0
+    assert ctx.timeline.events(mac)[-1].message == "after the lock", "the timeline works again"
 
 
 def test_only_allowed_networks_may_scrape(config: Config) -> None:

@@ -72,7 +72,8 @@ class StatusWriter:
 
     def __init__(self, policy: BootPolicy, capacity: int = 10_000) -> None:
         self.policy = policy
-        self.worker = OffPathWorker("dhcp-status", self._mark, capacity)
+        self.worker = OffPathWorker("dhcp-status", self._mark, capacity,
+                                    policy.metrics.queue_drop("dhcp-status"))
 
     def mark_netbooting(self, mac: MacAddress) -> None:
         if not self.worker.submit(mac):

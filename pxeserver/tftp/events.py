@@ -132,7 +132,8 @@ class EventRecorder:
     def __init__(self, policy: BootPolicy) -> None:
         self.policy = policy
         self.claims = BootFileClaims()
-        self.worker = OffPathWorker("tftp-events", self._record, QUEUE_LIMIT)
+        self.worker = OffPathWorker("tftp-events", self._record, QUEUE_LIMIT,
+                                    policy.metrics.queue_drop("tftp-events"))
         self.worker.start()
 
     def add(self, transfer: Transfer) -> None:
