@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,23 @@ def write_config(tmp_path: Path, *, dhcp: bool) -> dict[str, int]:
     return ports
 
 
-def launch(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+@pytest.fixture
+def launch() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Starts the server as :func:`start` does; kills any still running when the test ends."""
+    processes: list[subprocess.Popen[str]] = []
+
+    def launched(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+        processes.append(process := start(tmp_path, *args))
+        return process
+
+    yield launched
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def start(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     process = subprocess.Popen([sys.executable, "-c", LAUNCHER, "serve", *args], cwd=tmp_path,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
@@ -95,7 +112,8 @@ def launch(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
         not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() != 0,
         reason="the DHCP service binds to an interface: root only")),
 ])
-def test_a_service_that_dies_stops_the_others_and_exits_1(tmp_path: Path, victim: str) -> None:
+def test_a_service_that_dies_stops_the_others_and_exits_1(tmp_path: Path, victim: str,
+                                                           launch: Callable[..., subprocess.Popen[str]]) -> None:
     ports = write_config(tmp_path, dhcp=victim == "dhcp")
     process = launch(tmp_path)
     with urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/api/hosts", timeout=10) as reply:
@@ -120,7 +138,8 @@ def test_a_service_that_dies_stops_the_others_and_exits_1(tmp_path: Path, victim
         probe.listen()
 
 
-def test_a_signal_still_exits_0_and_log_level_warning_hides_info(tmp_path: Path) -> None:
+def test_a_signal_still_exits_0_and_log_level_warning_hides_info(
+        tmp_path: Path, launch: Callable[..., subprocess.Popen[str]]) -> None:
     write_config(tmp_path, dhcp=False)
     process = launch(tmp_path, "--log-level", "WARNING")
     process.send_signal(signal.SIGTERM)
