@@ -36,6 +36,7 @@ def build(config: Config) -> Context:
     metrics = Metrics()
     policy = BootPolicy(store, config, timeline, metrics)
     metrics.watch_registry(policy.tally)
+    metrics.watch_boot_files(policy.boot_files.mismatched)
     writer = BootConfigWriter(config.tftp_root, policy)
     store.watch(writer.apply)  # other nodes' changes (a shared PostgreSQL registry)
     return Context(config, store, timeline, policy, writer, Provisioning(store, policy, writer), metrics)

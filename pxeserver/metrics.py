@@ -230,6 +230,14 @@ class Metrics:
         self.install_duration = Histogram("pxeserver_install_duration_seconds",
                                           "Installs, from registered (or netboot turned on) to installed",
                                           buckets=INSTALL_BUCKETS, registry=registry)
+        # Label: a path an import recorded (a fixed set the registry holds, never a request's).
+        self._boot_file_refusals = Counter("pxeserver_boot_file_refusals",
+                                           "Requests for a recorded kernel or initrd refused because this "
+                                           "node's copy differs from the registry's checksum", ["file"],
+                                           registry=registry)
+        self._boot_files_mismatched = Gauge("pxeserver_boot_files_mismatched",
+                                            "Recorded kernels and initrds whose copy on this node differs "
+                                            "from the registry's checksum", registry=registry)
 
     def protocol(self, name: str) -> ProtocolMetrics:
         return self._get(name, lambda: ProtocolMetrics(self, name))
@@ -253,6 +261,13 @@ class Metrics:
 
     def watch_registry(self, size: Callable[[], Tally]) -> None:
         self.registry.register(RegistryCollector(size))
+
+    def boot_file_refused(self, path: str) -> None:
+        self._boot_file_refusals.labels(path).inc()
+
+    def watch_boot_files(self, mismatched: Callable[[], int]) -> None:
+        """Report ``mismatched()`` as the count of bad boot-file copies at every scrape (pull)."""
+        self._boot_files_mismatched.set_function(mismatched)
 
 
 # -- label values, from fixed sets ----------------------------------------------------------

@@ -10,7 +10,11 @@ registration through the outage loses nothing it acknowledged.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import logging
+import os
 import subprocess
 import threading
 import time
@@ -23,13 +27,15 @@ from conftest import make_config, started
 from dns_support import dig
 from http_support import curl, post_json
 from pg_support import Cluster, available, database_rows
+from prometheus_client.parser import text_string_to_metric_families
 from scapy.layers.dhcp import BOOTP, DHCP
 
 from pxeserver import app
 from pxeserver.dhcp.responder import Responder
 from pxeserver.dns import DnsService
 from pxeserver.mac import MacAddress
-from pxeserver.registry import Unavailable
+from pxeserver.pypxeboot import http as pypxeboot_http, tftp as pypxeboot_tftp
+from pxeserver.registry import BootFile, Unavailable
 from pxeserver.tftp import TftpService
 from pxeserver.web.server import HttpService
 
@@ -41,8 +47,9 @@ PROFILE = {"name": "deb", "kernel": "images/deb/linux", "initrd": "images/deb/in
            "append": "console=hvc0"}
 
 
-def node(root: Path, url: str, address: str = "10.0.0.1") -> app.Context:
+def node(root: Path, url: str, address: str = "10.0.0.1", name: str = "") -> app.Context:
     cfg = make_config(root, url)
+    cfg.server.node_name = name
     cfg.server.address = address  # the DHCP server identifier and next-server
     cfg.http.address = cfg.tftp.address = cfg.dns.address = "127.0.0.1"
     cfg.dns.domain = DOMAIN
@@ -59,15 +66,31 @@ def nodes(tmp_path: Path, pg_cluster: Cluster) -> Iterator[tuple[app.Context, ap
     b.close()
 
 
-def tftp_get(port: int, name: str, scratch: Path) -> str | None:
-    """The file as tftp-hpa fetched it, or None if the server refused it."""
+def tftp_fetch(port: int, name: str, scratch: Path) -> tuple[bytes | None, str]:
+    """The file as tftp-hpa fetched it (None if the server refused it) and what tftp said."""
     target = scratch / "fetched"
     target.unlink(missing_ok=True)
-    done = subprocess.run(["tftp", "127.0.0.1", str(port), "-c", "get", name, str(target)],
-                          capture_output=True, text=True, timeout=30)
-    if "Error" in done.stderr + done.stdout or not target.exists():
-        return None
-    return target.read_text()
+    done = subprocess.run(["tftp", "127.0.0.1", str(port), "-m", "octet", "-c", "get", name, str(target)],
+                          capture_output=True, text=True, timeout=60)
+    said = done.stderr + done.stdout
+    if "Error" in said or not target.exists():
+        return None, said
+    return target.read_bytes(), said
+
+
+def tftp_get(port: int, name: str, scratch: Path) -> str | None:
+    """The file as tftp-hpa fetched it, as text, or None if the server refused it."""
+    data, _ = tftp_fetch(port, name, scratch)
+    return None if data is None else data.decode()
+
+
+def metric(base: str, name: str, **labels: str) -> float | None:
+    """One sample of the node's /metrics as curl reads it; None when it is not exposed."""
+    for family in text_string_to_metric_families(curl(f"{base}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
 
 
 def dhcp_offer(context: app.Context, mac: str) -> str | None:
@@ -326,3 +349,90 @@ def test_two_dhcp_nodes_never_lease_one_address_to_two_macs(tmp_path: Path, pg_c
     finally:
         a.close()
         b.close()
+
+
+def pypxeboot_fetch(url: str, tftp_port: int) -> bytes:
+    """A file as pypxeboot's own clients fetch it: an http:// URL, else a TFTP path."""
+    bounds = pypxeboot_tftp.Bounds(max_file=1 << 30, max_total=1 << 30, min_rate=1, rate_window=10,
+                                   deadline=time.monotonic() + 30)
+    output = io.BytesIO()
+    if pypxeboot_http.is_url(url):
+        pypxeboot_http.download(url, "127.0.0.1", output, 1 << 30, "too big", bounds)
+    else:
+        pypxeboot_tftp.download("127.0.0.1", tftp_port, url, output, 1 << 30, "too big", bounds)
+    return output.getvalue()
+
+
+def test_a_node_whose_boot_file_differs_from_the_registry_refuses_it_until_fixed(
+        tmp_path: Path, pg_cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    """One registry records a profile's kernel and initrd; node A has the recorded copies, node
+    B an initrd with one byte flipped (a disk error, a half-done rsync). B refuses that initrd
+    to tftp-hpa, curl and pypxeboot's clients, under any spelling of its name, with one log
+    line and its metrics; A and B's kernel are served. Fixed in place, it is served again."""
+    url = pg_cluster.new_database()
+    kernel, initrd = os.urandom(200_000), os.urandom(2_000_000)
+    bad = bytearray(initrd)
+    bad[1_234_567] ^= 0xFF
+    a, b = node(tmp_path / "a", url, name="node-a"), node(tmp_path / "b", url, name="node-b")
+    with ExitStack() as stack:
+        stack.callback(a.close)
+        stack.callback(b.close)
+        for context, initrd_copy in ((a, initrd), (b, bytes(bad))):
+            images = context.config.tftp_root / "images" / "deb"
+            images.mkdir()
+            (images / "linux").write_bytes(kernel)
+            (images / "initrd.gz").write_bytes(initrd_copy)
+            (context.config.tftp_root / "images" / "alias").symlink_to("deb")
+        expected, actual = hashlib.sha256(initrd).hexdigest(), hashlib.sha256(bad).hexdigest()
+        a.provisioning.add_imported_profile(PROFILE, [
+            BootFile(PROFILE["kernel"], len(kernel), hashlib.sha256(kernel).hexdigest(), "test"),
+            BootFile(PROFILE["initrd"], len(initrd), expected, "test")])
+        servers = {}
+        for label, context in (("a", a), ("b", b)):
+            tftp = stack.enter_context(started(TftpService(context)))
+            http = stack.enter_context(started(HttpService(context)))
+            servers[label] = (tftp.port, f"http://127.0.0.1:{http.port}")
+        caplog.set_level(logging.WARNING, logger="pxeserver.bootfiles")
+
+        # Node A serves both files by every client.
+        tftp_a, base_a = servers["a"]
+        assert tftp_fetch(tftp_a, PROFILE["initrd"], tmp_path)[0] == initrd
+        assert curl(f"{base_a}/boot/{PROFILE['initrd']}").body == initrd
+        assert pypxeboot_fetch(PROFILE["initrd"], tftp_a) == initrd
+        assert pypxeboot_fetch(f"{base_a}/boot/{PROFILE['initrd']}", tftp_a) == initrd
+
+        # Node B serves its kernel (it matches) and refuses the initrd, whoever asks and however.
+        tftp_b, base_b = servers["b"]
+        assert tftp_fetch(tftp_b, PROFILE["kernel"], tmp_path)[0] == kernel
+        assert curl(f"{base_b}/boot/{PROFILE['kernel']}").body == kernel
+        refusals = 0
+        for name in (PROFILE["initrd"], "/images/deb/initrd.gz", "images/alias/initrd.gz"):
+            data, said = tftp_fetch(tftp_b, name, tmp_path)
+            assert data is None and "differs from the registry's checksum" in said, said
+            reply = curl(f"{base_b}/boot/{name.lstrip('/')}")
+            assert reply.status == 503 and "differs from the registry's checksum" in reply.text, reply
+            refusals += 2
+        with pytest.raises(pypxeboot_tftp.ServerRefused, match="differs from the registry's checksum"):
+            pypxeboot_fetch(PROFILE["initrd"], tftp_b)
+        with pytest.raises(pypxeboot_tftp.ServerRefused, match="503"):
+            pypxeboot_fetch(f"{base_b}/boot/{PROFILE['initrd']}", tftp_b)
+        refusals += 2
+
+        lines = [r.getMessage() for r in caplog.records if r.name == "pxeserver.bootfiles"]
+        assert lines == [f"boot file images/deb/initrd.gz on node node-b does not match the registry: "
+                         f"sha256 {actual}, expected {expected}; refusing it over tftp until it is fixed"]
+        assert metric(base_b, "pxeserver_boot_file_refusals_total", file=PROFILE["initrd"]) == refusals
+        assert metric(base_b, "pxeserver_boot_files_mismatched") == 1
+        assert metric(base_a, "pxeserver_boot_files_mismatched") == 0
+        assert metric(base_a, "pxeserver_boot_file_refusals_total", file=PROFILE["initrd"]) is None
+
+        # Fixed in place (same inode and size, a new mtime): the next scrape and request see it.
+        with open(b.config.tftp_root / PROFILE["initrd"], "r+b") as repaired:
+            repaired.write(initrd)
+        assert metric(base_b, "pxeserver_boot_files_mismatched") == 0
+        assert tftp_fetch(tftp_b, PROFILE["initrd"], tmp_path)[0] == initrd
+        assert curl(f"{base_b}/boot/{PROFILE['initrd']}").body == initrd
+        assert pypxeboot_fetch(PROFILE["initrd"], tftp_b) == initrd
+        assert metric(base_b, "pxeserver_boot_file_refusals_total", file=PROFILE["initrd"]) == refusals
+        assert any(r.getMessage() == "boot file images/deb/initrd.gz on node node-b matches the registry "
+                   "again: serving it" for r in caplog.records)
