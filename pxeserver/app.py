@@ -35,7 +35,7 @@ def build(config: Config) -> Context:
     timeline = Timeline(store, config.server.events_per_host)
     metrics = Metrics()
     policy = BootPolicy(store, config, timeline, metrics)
-    metrics.watch_registry(policy.tally)
+    metrics.watch_registry(policy.tally, policy.registry_contact)
     metrics.watch_boot_files(policy.boot_files.mismatched)
     writer = BootConfigWriter(config.tftp_root, policy)
     store.watch(writer.apply)  # other nodes' changes (a shared PostgreSQL registry)

@@ -23,7 +23,7 @@ from pxeserver.mac import InvalidMac, MacAddress
 from pxeserver.published import Published
 from pxeserver.pxelinux import hex_ip
 from pxeserver.registry import Host, NotFound, Profile, Status, Store, Unavailable
-from pxeserver.registry.store import Tally
+from pxeserver.registry.store import Contact, Tally
 from pxeserver.timeline import Timeline
 
 if TYPE_CHECKING:  # only for its type: pxelinux (and so pypxeboot) import the policy, not prometheus_client
@@ -115,6 +115,10 @@ class BootPolicy:
     def tally(self) -> Tally:
         """How many hosts (by status), profiles and live leases: the metrics' registry gauges."""
         return self.store.tally(time.time())
+
+    def registry_contact(self) -> Contact:
+        """Whether the registry database answers this node, for the metrics."""
+        return self.store.contact()
 
     def generation(self) -> int:
         """Increases on every registry change: the DNS SOA serial and a cheap "changed?" check."""

@@ -202,9 +202,17 @@ def test_database_killed_nodes_answer_from_last_state_refuse_writes_and_recover(
         name = f"pxelinux.cfg/{MacAddress.parse(MAC).pxelinux_name}"
         until(lambda: dig(dns.port, f"web1.{DOMAIN}", "A").values() == ["10.0.0.5"])
         until(lambda: curl(f"{base}/api/hosts/{MAC}").status == 200)
+        assert metric(base, "pxeserver_registry_up") == 1
+        assert time.time() - 3 < (metric(base, "pxeserver_registry_last_contact_timestamp_seconds") or 0)
 
+        killed_at = time.time()
         own_cluster.kill()
-        until(lambda: not b.store.healthy())  # type: ignore[attr-defined]
+        # The scrape says so (and still works: the registry's counts come from the last known state).
+        noticed = until(lambda: metric(base, "pxeserver_registry_up") == 0)
+        assert not b.store.healthy()  # type: ignore[attr-defined]
+        assert (metric(base, "pxeserver_registry_last_contact_timestamp_seconds") or 0) <= killed_at
+        assert metric(base, "pxeserver_hosts", status="registered") == 1
+        print(f"pxeserver_registry_up 0 within {noticed:.2f} s of the kill -9")
         started_at = time.monotonic()
         # Reads: what node B knew is still answered, by every protocol.
         assert "kernel images/deb/linux" in (tftp_get(tftp.port, name, tmp_path) or "")
@@ -223,8 +231,12 @@ def test_database_killed_nodes_answer_from_last_state_refuse_writes_and_recover(
         print(f"during the outage: 4 reads answered and 2 writes refused in {outage_answers:.2f} s")
         assert outage_answers < 5
 
+        restarted_at = time.time()
         own_cluster.start()
         back = time.monotonic()
+        up_again = until(lambda: metric(base, "pxeserver_registry_up") == 1, 15)
+        assert (metric(base, "pxeserver_registry_last_contact_timestamp_seconds") or 0) >= restarted_at
+        print(f"pxeserver_registry_up 1 again {up_again:.2f} s after the database restarted")
         until(lambda: post_json(f"{base}/api/hosts", json.dumps(
             {"mac": "00:16:3e:00:0a:02", "hostname": "web2", "profile": "deb", "ip": "10.0.0.7"})).status == 201, 15)
         recovered = time.monotonic() - back
