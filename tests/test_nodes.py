@@ -15,15 +15,20 @@ import io
 import json
 import logging
 import os
+import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from conftest import make_config, started
+from conftest import free_port, make_config, started
 from dns_support import dig
 from http_support import curl, post_json
 from pg_support import Cluster, available, database_rows
@@ -448,3 +453,95 @@ def test_a_node_whose_boot_file_differs_from_the_registry_refuses_it_until_fixed
         assert metric(base_b, "pxeserver_boot_file_refusals_total", file=PROFILE["initrd"]) == refusals
         assert any(r.getMessage() == "boot file images/deb/initrd.gz on node node-b matches the registry "
                    "again: serving it" for r in caplog.records)
+
+
+def serve_process(root: Path, url: str, name: str) -> tuple[subprocess.Popen[str], str]:
+    """A real `pxeserver serve` node on loopback (TFTP and HTTP) on the shared registry; its
+    API's base URL once it answers."""
+    root.mkdir()
+    http_port = free_port()
+    (root / "pxeserver.toml").write_text(
+        f'[server]\naddress = "127.0.0.1"\ndatabase = "{url}"\nnode_name = "{name}"\n'
+        f'[tftp]\naddress = "127.0.0.1"\nport = {free_port(socket.SOCK_DGRAM)}\n'
+        f'[http]\naddress = "127.0.0.1"\nport = {http_port}\n')
+    process = subprocess.Popen([sys.executable, "-m", "pxeserver", "serve"], cwd=root,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert process.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if line.startswith("pxeserver: next:") or not line:
+            break
+    assert process.poll() is None and line, "pxeserver serve did not start"
+    return process, f"http://127.0.0.1:{http_port}/api"
+
+
+def post(url: str, body: dict[str, object]) -> int:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_kill_9_of_a_node_during_bulk_registration_loses_nothing_it_acknowledged(
+        tmp_path: Path, pg_cluster: Cluster) -> None:
+    """Four clients register hosts through node A's API (a real `pxeserver serve`) as fast as it
+    answers; A is killed with SIGKILL mid-stream. Every host A acknowledged is in the registry,
+    nothing is there that no client sent, and node B answers every one of them (API and its
+    pxelinux.cfg files) without being told anything but the notifications."""
+    url = pg_cluster.new_database()
+    process, api_a = serve_process(tmp_path / "a", url, "node-a")
+    b = node(tmp_path / "b", url, name="node-b")
+    try:
+        assert post(f"{api_a}/profiles", PROFILE) == 201
+        acknowledged: list[str] = []
+        in_flight: list[str] = []  # sent when A died: stored or not, never half
+        lock = threading.Lock()
+
+        def register(worker: int) -> None:
+            for i in range(2000):
+                mac = f"00:16:3e:{worker:02x}:{i >> 8:02x}:{i & 0xFF:02x}"
+                try:
+                    status = post(f"{api_a}/hosts", {"mac": mac, "hostname": f"n{worker}-{i}", "profile": "deb"})
+                except (urllib.error.URLError, ConnectionError, OSError):
+                    with lock:
+                        in_flight.append(mac)
+                    return
+                assert status == 201, status
+                with lock:
+                    acknowledged.append(mac)
+
+        writers = [threading.Thread(target=register, args=(w,)) for w in range(4)]
+        started_at = time.monotonic()
+        for writer in writers:
+            writer.start()
+        until(lambda: len(acknowledged) >= 300, 120)
+        os.kill(process.pid, signal.SIGKILL)
+        rate = len(acknowledged) / (time.monotonic() - started_at)
+        for writer in writers:
+            writer.join(timeout=60)
+        process.wait(timeout=10)
+        stored = {row[0] for row in database_rows(url, "SELECT mac FROM hosts")}
+        print(f"node killed: {len(acknowledged)} acknowledged ({rate:.0f}/s through 4 clients), "
+              f"{len(in_flight)} in flight, {len(stored)} stored")
+        assert len(in_flight) == 4  # each client was cut off mid-request
+        assert set(acknowledged) <= stored, sorted(set(acknowledged) - stored)[:5]
+        assert stored <= set(acknowledged) | set(in_flight)
+
+        # Node B has it all: its API (from its cache, kept current by the notifications) and
+        # a pxelinux.cfg file for every stored host.
+        with started(HttpService(b)) as http:
+            listed = {h["mac"] for h in json.loads(curl(f"http://127.0.0.1:{http.port}/api/hosts").text)}
+        assert listed == stored
+        files = lambda: {p.name for p in (b.config.tftp_root / "pxelinux.cfg").glob("01-*")}  # noqa: E731
+        wanted = {MacAddress.parse(mac).pxelinux_name for mac in stored}
+        waited = until(lambda: files() == wanted, 10)
+        print(f"node B listed all {len(listed)} and had every pxelinux.cfg file ({waited:.2f} s more)")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        b.close()
