@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
+import psycopg
 import pytest
 from conftest import free_port, make_config, started
 from dns_support import dig
@@ -41,6 +42,7 @@ from pxeserver.dns import DnsService
 from pxeserver.mac import MacAddress
 from pxeserver.pypxeboot import http as pypxeboot_http, tftp as pypxeboot_tftp
 from pxeserver.registry import BootFile, Unavailable
+from pxeserver.registry.postgres import LISTENER_NAME
 from pxeserver.tftp import TftpService
 from pxeserver.web.server import HttpService
 
@@ -544,4 +546,71 @@ def test_kill_9_of_a_node_during_bulk_registration_loses_nothing_it_acknowledged
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+        b.close()
+
+
+def test_a_node_that_missed_notifications_catches_up_by_itself(tmp_path: Path, pg_cluster: Cluster) -> None:
+    """Node B's listener connection is terminated (pg_terminate_backend) and its role may not
+    log in again for a while, so B hears nothing while node A renames, readdresses, turns off
+    netboot for, deletes and adds hosts. B answers from its last known state meanwhile; once it
+    may reconnect it converges by itself (no write through B, no restart): its cache, its DNS
+    serial and answers, and its pxelinux.cfg files, within two seconds."""
+    url = pg_cluster.new_database()
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("CREATE ROLE node_b LOGIN SUPERUSER")
+    a = node(tmp_path / "a", url, name="node-a")
+    b = node(tmp_path / "b", url.replace("//pxeserver@", "//node_b@"), name="node-b")
+    macs = [MacAddress.parse(f"00:16:3e:00:0c:{i:02x}") for i in range(6)]
+    try:
+        a.provisioning.add_profile(PROFILE)
+        for i, mac in enumerate(macs):
+            a.provisioning.add_host({"mac": str(mac), "hostname": f"old{i}", "profile": "deb",
+                                     "ip": f"10.0.0.{20 + i}"})
+        pxelinux_dir = b.config.tftp_root / "pxelinux.cfg"
+        with started(DnsService(b)) as dns:
+            until(lambda: dig(dns.port, f"old5.{DOMAIN}", "A").values() == ["10.0.0.25"])
+            until(lambda: all((pxelinux_dir / mac.pxelinux_name).exists() for mac in macs))
+            for mac in macs:
+                assert b.policy.host(mac) is not None  # in B's cache
+            serial = int(dig(dns.port, DOMAIN, "SOA").answer[0][6])
+
+            with psycopg.connect(url, autocommit=True) as admin:
+                admin.execute("ALTER ROLE node_b NOLOGIN")
+                killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                                       "usename = 'node_b' AND application_name = %s",
+                                       (LISTENER_NAME,)).fetchall()
+                assert len(killed) == 1
+                until(lambda: not b.store.healthy())  # type: ignore[attr-defined]
+                for i, mac in enumerate(macs[:4]):
+                    a.provisioning.update_host(mac, {"hostname": f"new{i}", "ip": f"10.0.0.{40 + i}",
+                                                     "netboot": i % 2 == 0})
+                a.provisioning.delete_host(macs[5])
+                added = MacAddress.parse("00:16:3e:00:0c:99")
+                a.provisioning.add_host({"mac": str(added), "hostname": "added", "profile": "deb", "ip": "10.0.0.99"})
+                # B heard none of it: it answers what it knew.
+                time.sleep(0.5)
+                assert b.policy.host(macs[0]).hostname == "old0"  # type: ignore[union-attr]
+                assert dig(dns.port, f"old5.{DOMAIN}", "A").values() == ["10.0.0.25"]
+                assert (pxelinux_dir / macs[5].pxelinux_name).exists()
+                assert not (pxelinux_dir / added.pxelinux_name).exists()
+                admin.execute("ALTER ROLE node_b LOGIN")
+                allowed = time.monotonic()
+
+            def converged() -> bool:
+                hosts = {mac: b.policy.host(mac) for mac in [*macs, added]}
+                files = {mac: pxelinux_dir / mac.pxelinux_name for mac in [*macs, added]}
+                return (all(hosts[mac].hostname == f"new{i}" for i, mac in enumerate(macs[:4]))  # type: ignore[union-attr]
+                        and hosts[macs[5]] is None and hosts[added] is not None
+                        and int(dig(dns.port, DOMAIN, "SOA").answer[0][6]) > serial
+                        and dig(dns.port, f"new3.{DOMAIN}", "A").values() == ["10.0.0.43"]
+                        and dig(dns.port, f"old5.{DOMAIN}", "A").status == "NXDOMAIN"
+                        and dig(dns.port, f"added.{DOMAIN}", "A").values() == ["10.0.0.99"]
+                        and all("localboot 0" in files[mac].read_text() for mac in macs[1:4:2])
+                        and all("kernel images/deb/linux" in files[mac].read_text() for mac in macs[0:4:2])
+                        and not files[macs[5]].exists() and files[added].exists())
+
+            until(converged, 2.0)
+            print(f"node B caught up {time.monotonic() - allowed:.2f} s after it could reconnect")
+    finally:
+        a.close()
         b.close()

@@ -52,6 +52,7 @@ T = TypeVar("T")
 CHANNEL = "pxeserver"
 MIGRATION_LOCK = 0x70786573  # pg_advisory_xact_lock key: one node migrates at a time
 CONNECT_TIMEOUT = 5  # seconds to reach the server (or get a pooled connection) before giving up
+LISTENER_NAME = "pxeserver listener"  # its application_name, as pg_stat_activity shows it
 HEARTBEAT = 1.0  # seconds between the listener's checks that the database still answers
 CACHE_ENTRIES = 200_000  # answers kept per node (a MAC-spraying client cannot grow it further)
 
