@@ -305,7 +305,8 @@ class PostgresStore:
         delay, down = 0.1, False
         while not self._closing.is_set():
             try:
-                with psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
+                                     application_name=LISTENER_NAME) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
                     missed = down and row is not None and int(row[0]) != self._generation
