@@ -614,3 +614,48 @@ def test_a_node_that_missed_notifications_catches_up_by_itself(tmp_path: Path, p
     finally:
         a.close()
         b.close()
+
+
+def test_two_nodes_importing_overlapping_files_at_once_never_fail(tmp_path: Path, pg_cluster: Cluster) -> None:
+    """Both nodes record the same profiles' files at the same moment, listing them in opposite
+    orders (the row locks two transactions would take crosswise, a deadlock). Each round one
+    node adds the profile and the other finds it there: no error, no 500."""
+    url = pg_cluster.new_database()
+    a, b = node(tmp_path / "a", url), node(tmp_path / "b", url)
+    outcomes: dict[str, list[bool]] = {}
+    failures: list[BaseException] = []
+    rounds = 300
+    barrier = threading.Barrier(2, timeout=30)
+    lock = threading.Lock()
+
+    def importer(context: app.Context, reverse: bool) -> None:
+        for i in range(rounds):
+            profile = {**PROFILE, "name": f"p{i}", "kernel": f"images/p{i}/linux", "initrd": f"images/p{i}/initrd.gz"}
+            files = [BootFile(profile["kernel"], 10, "a" * 64, "test"),
+                     BootFile(profile["initrd"], 20, "b" * 64, "test")]
+            barrier.wait()
+            try:
+                _, added = context.provisioning.add_imported_profile(profile, files[::-1] if reverse else files)
+            except Exception as exc:  # what the API would answer 5xx (or 409) for
+                with lock:
+                    failures.append(exc)
+                continue
+            with lock:
+                outcomes.setdefault(profile["name"], []).append(added)
+
+    try:
+        threads = [threading.Thread(target=importer, args=(a, False)),
+                   threading.Thread(target=importer, args=(b, True))]
+        started_at = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        print(f"{rounds} overlapping imports on two nodes in {time.monotonic() - started_at:.2f} s")
+        assert not failures, failures[:3]
+        assert all(sorted(added) == [False, True] for added in outcomes.values()) and len(outcomes) == rounds
+        recorded = database_rows(url, "SELECT COUNT(*) FROM boot_files")[0][0]
+        assert recorded == 2 * rounds
+    finally:
+        a.close()
+        b.close()

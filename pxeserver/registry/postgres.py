@@ -252,6 +252,9 @@ class PostgresStore:
             with self._pool.connection(timeout=timeout) as conn:
                 conn.row_factory = dict_row  # type: ignore[assignment]
                 yield conn  # type: ignore[misc]
+        except psycopg.errors.TransactionRollback as exc:  # a deadlock or serialization failure
+            raise Conflict(f"a concurrent change of the same records got in the way; try again "
+                           f"({_reason(exc)})") from None
         except _UNREACHABLE as exc:
             raise Unavailable(f"the registry database is unreachable: {_reason(exc)}") from None
 
@@ -429,7 +432,9 @@ class PostgresStore:
         return list(profiles)
 
     def add_imported_profile(self, profile: Profile, files: Iterable[BootFile]) -> bool:
-        rows = [(f.path, f.size, f.sha256, f.source) for f in files]
+        # In path order: two nodes importing overlapping files lock the rows in one order, so
+        # neither waits for the other while holding what the other waits for (a deadlock).
+        rows = sorted((f.path, f.size, f.sha256, f.source) for f in files)
         with self._write() as (conn, changes):
             with conn.cursor() as cursor:
                 cursor.executemany(

@@ -237,7 +237,7 @@ class SqliteStore:
         return [_profile(row) for row in rows]
 
     def add_imported_profile(self, profile: Profile, files: Iterable[BootFile]) -> bool:
-        rows = [(f.path, f.size, f.sha256, f.source) for f in files]
+        rows = sorted((f.path, f.size, f.sha256, f.source) for f in files)
         with self._write() as conn:
             conn.executemany(
                 "INSERT INTO boot_files (path, size, sha256, source) VALUES (?, ?, ?, ?) "
