@@ -24,12 +24,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import psycopg
 import pytest
 from conftest import free_port, make_config, started
+from dhcp_support import can_make_namespaces, run
 from dns_support import dig
 from http_support import curl, post_json
 from pg_support import Cluster, available, database_rows
@@ -659,3 +660,174 @@ def test_two_nodes_importing_overlapping_files_at_once_never_fail(tmp_path: Path
     finally:
         a.close()
         b.close()
+
+
+# -- two DHCP nodes on one network, real clients --------------------------------------------
+
+LAN_SUBNET, NODE_A_IP, NODE_B_IP = "10.77.0.0/24", "10.77.0.1", "10.77.0.2"
+UDHCPC_SCRIPT = """#!/bin/sh
+# One line per event: the event, the address and the server that answered.
+case "$1" in
+  deconfig) ip addr flush dev "$interface" ;;
+  bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/24" dev "$interface" ;;
+esac
+echo "$1 ${ip:-} ${serverid:-}" >> "$EVENTS"
+exit 0
+"""
+
+
+@contextmanager
+def dhcp_lan(clients: int) -> Iterator[tuple[str, str, list[str]]]:
+    """One layer-2 network (a bridge in a namespace of its own) joining two server namespaces
+    (interface dhs0, 10.77.0.1 and .2) and ``clients`` client namespaces (interface dhc0, no
+    address); yields the namespaces' names and deletes them all afterwards."""
+    tag = f"n{os.getpid()}"
+    lan, servers = f"{tag}-lan", [f"{tag}-a", f"{tag}-b"]
+    guests = [f"{tag}-c{i}" for i in range(clients)]
+    made: list[str] = []
+    try:
+        for namespace in [lan, *servers, *guests]:
+            run("ip", "netns", "add", namespace)
+            made.append(namespace)
+            run("ip", "-n", namespace, "link", "set", "lo", "up")
+        run("ip", "-n", lan, "link", "add", "br0", "type", "bridge")
+        run("ip", "-n", lan, "link", "set", "br0", "up")
+        ends = [(ns, "dhs0", f"ps{i}") for i, ns in enumerate(servers)]
+        ends += [(ns, "dhc0", f"pc{i}") for i, ns in enumerate(guests)]
+        for namespace, interface, port in ends:
+            run("ip", "link", "add", interface, "netns", namespace, "type", "veth", "peer", "name", port, "netns", lan)
+            run("ip", "-n", lan, "link", "set", port, "master", "br0", "up")
+            run("ip", "-n", namespace, "link", "set", interface, "up")
+        for namespace, address in zip(servers, (NODE_A_IP, NODE_B_IP), strict=True):
+            run("ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", "dhs0")
+        yield servers[0], servers[1], guests
+    finally:
+        for namespace in reversed(made):
+            run("ip", "netns", "del", namespace, check=False)
+
+
+def dhcp_node(root: Path, namespace: str, database: str, address: str, name: str) -> subprocess.Popen[str]:
+    """`pxeserver serve` with DHCP only, inside ``namespace``, on the shared registry (reached
+    through PostgreSQL's Unix socket: the namespace has no route to the host's loopback)."""
+    root.mkdir()
+    (root / "pxeserver.toml").write_text(
+        f'[server]\naddress = "{address}"\ndatabase = "{database}"\nnode_name = "{name}"\n'
+        '[tftp]\nenabled = false\n[http]\nenabled = false\n'
+        f'[dhcp]\nenabled = true\ninterface = "dhs0"\nsubnet = "{LAN_SUBNET}"\nrouter = "{NODE_A_IP}"\n'
+        'pool_start = "10.77.0.100"\npool_end = "10.77.0.150"\nlease_time = 60\n')
+    process = subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, "-m", "pxeserver", "serve"],
+                               cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert process.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if line.startswith("pxeserver: next:") or not line:
+            break
+    assert process.poll() is None and line, f"node {name} did not start"
+    return process
+
+
+def client_events(path: Path) -> list[tuple[str, str, str]]:
+    """(event, address, server) for each time udhcpc ran its script."""
+    if not path.exists():
+        return []
+    return [tuple((line.split() + ["", "", ""])[:3]) for line in path.read_text().splitlines()]  # type: ignore[misc]
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+@pytest.mark.skipif(not can_make_namespaces(), reason="needs root for network namespaces")
+def test_node_a_killed_mid_boot_storm_clients_complete_and_rebind_with_node_b(
+        tmp_path: Path, pg_cluster: Cluster) -> None:
+    """Sixteen busybox udhcpc clients, each in its own namespace, start at once on a network
+    with two pxeserver DHCP nodes (real `serve` processes) sharing one registry. Node A is
+    killed with SIGKILL once a third of them are bound. Every client still gets an address, no
+    address goes to two clients, and when the clients renew (SIGUSR1, as at T1), those node A
+    served find it silent and rebind by broadcast: node B acknowledges each the address it had,
+    and the registry's leases are exactly the clients' addresses."""
+    clients = 16
+    url = pg_cluster.new_database()
+    socket_url = f"postgresql://pxeserver@/{url.rsplit('/', 1)[1]}?host={pg_cluster.root}&port={pg_cluster.port}"
+    registrar = node(tmp_path / "registrar", url)
+    macs = [f"00:16:3e:00:0d:{i:02x}" for i in range(clients)]
+    registrar.provisioning.add_profile(PROFILE)
+    for i, mac in enumerate(macs):
+        registrar.provisioning.add_host({"mac": mac, "hostname": f"storm{i}", "profile": "deb"})
+    script = tmp_path / "udhcpc.sh"
+    script.write_text(UDHCPC_SCRIPT)
+    script.chmod(0o755)
+    events = [tmp_path / f"client{i}.events" for i in range(clients)]
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        with dhcp_lan(clients) as (ns_a, ns_b, guests):
+            node_a = dhcp_node(tmp_path / "a", ns_a, socket_url, NODE_A_IP, "node-a")
+            processes.append(node_a)
+            processes.append(dhcp_node(tmp_path / "b", ns_b, socket_url, NODE_B_IP, "node-b"))
+            for guest, mac in zip(guests, macs, strict=True):
+                run("ip", "-n", guest, "link", "set", "dhc0", "address", mac)
+            udhcpcs = []
+            storm = time.monotonic()
+            for guest, path in zip(guests, events, strict=True):
+                udhcpcs.append(subprocess.Popen(
+                    ["ip", "netns", "exec", guest, "busybox", "udhcpc", "-i", "dhc0", "-f", "-t", "30", "-T", "1",
+                     "-A", "1", "-s", str(script)], env={"EVENTS": str(path), "PATH": os.environ["PATH"]},
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            processes.extend(udhcpcs)  # type: ignore[arg-type]
+
+            def bound() -> dict[int, tuple[str, str]]:
+                """client -> (address, server) of its first bound event."""
+                found = {}
+                for i, path in enumerate(events):
+                    first = next((e for e in client_events(path) if e[0] == "bound"), None)
+                    if first:
+                        found[i] = (first[1], first[2])
+                return found
+
+            until(lambda: len(bound()) >= clients // 3 and NODE_A_IP in {s for _, s in bound().values()}, 60)
+            os.kill(node_a.pid, signal.SIGKILL)
+            node_a.wait(timeout=10)
+            at_kill = bound()
+            until(lambda: len(bound()) == clients, 60)
+            first = bound()
+            storm_seconds = time.monotonic() - storm
+            by_a = [i for i, (_, server) in first.items() if server == NODE_A_IP]
+            addresses = [ip for ip, _ in first.values()]
+            print(f"boot storm: {len(at_kill)} of {clients} bound when node A was killed "
+                  f"({len(by_a)} by A), all {clients} bound after {storm_seconds:.1f} s")
+            assert len(set(addresses)) == clients, "an address was given to two clients"
+            # (node A may have sent an ACK just before the kill that its client reported after it)
+            after_kill = [server for i, (_, server) in first.items() if i not in at_kill]
+            assert after_kill.count(NODE_B_IP) >= len(after_kill) - 2, after_kill
+
+            # T1 for everyone (SIGUSR1: renew now). Node A's clients get no answer to their
+            # unicast renewal and rebind by broadcast; node B acknowledges the same address.
+            renewed_at = time.monotonic()
+            counts = {i: len(client_events(path)) for i, path in enumerate(events)}
+            for udhcpc_process in udhcpcs:
+                udhcpc_process.send_signal(signal.SIGUSR1)
+
+            def renewed() -> dict[int, tuple[str, str]]:
+                found = {}
+                for i, path in enumerate(events):
+                    later = [e for e in client_events(path)[counts[i]:] if e[0] in ("renew", "bound")]
+                    if later:
+                        found[i] = (later[-1][1], later[-1][2])
+                return found
+
+            until(lambda: len(renewed()) == clients, 60)
+            print(f"renewal: all {clients} renewed with node B in {time.monotonic() - renewed_at:.1f} s "
+                  f"({len(by_a)} of them by rebinding from node A)")
+            assert renewed() == {i: (first[i][0], NODE_B_IP) for i in range(clients)}
+            leases = dict(database_rows(url, "SELECT mac, ip FROM leases"))
+            assert leases == {macs[i]: first[i][0] for i in range(clients)}
+            # A NAK in the storm is a lost race (both nodes offered one pool address from memory,
+            # the registry gave it to the first REQUEST); after it, none: a lease is kept.
+            assert not [e for i, path in enumerate(events) for e in client_events(path)[counts[i]:] if e[0] == "nak"]
+            raced = sum(e[0] == "nak" for path in events for e in client_events(path))
+            print(f"{raced} NAKs from lost races during the storm, each followed by a bound address")
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+        registrar.close()
