@@ -281,7 +281,10 @@ def test_bulk_registration_through_a_kill_9_loses_nothing_acknowledged(
         worker.start()
     until(lambda: len(acknowledged) >= 100, 60)
     own_cluster.kill()
-    time.sleep(1.0)
+    # Long enough that writes are refused, not just delayed: a write already waiting for a
+    # pooled connection when the database died may wait until it is back (loaded machines).
+    until(lambda: not a.store.healthy(), 10)  # type: ignore[attr-defined]
+    time.sleep(1.5)
     own_cluster.start()
     for worker in workers:
         worker.join(timeout=120)
