@@ -4,8 +4,14 @@ Each node is its own Context (its own pool, listener, caches and TFTP root) on o
 a throwaway cluster. A change made through node A must be answered by node B's TFTP (tftp-hpa),
 HTTP (curl), DNS (dig) and DHCP (its responder, scapy packets) within a second, and node B's
 pxelinux.cfg file must follow. Then the database is killed with SIGKILL: node B keeps answering
-from its last known state, refuses writes with a 503, and recovers by itself; a bulk
-registration through the outage loses nothing it acknowledged.
+from its last known state, refuses writes with a 503, says so in pxeserver_registry_up, and
+recovers by itself; a bulk registration through the outage loses nothing it acknowledged.
+
+Also: a node whose copy of a recorded initrd differs refuses it (tftp-hpa, curl, pypxeboot's
+clients) while the other serves it; a `pxeserver serve` node killed with SIGKILL during bulk
+registration through its API loses nothing it acknowledged; a node that missed notifications
+catches up by itself; overlapping imports on two nodes never fail; and two DHCP nodes (real
+processes in network namespaces, busybox udhcpc clients) survive the death of one mid-storm.
 """
 
 from __future__ import annotations
@@ -464,13 +470,19 @@ def test_a_node_whose_boot_file_differs_from_the_registry_refuses_it_until_fixed
 def serve_process(root: Path, url: str, name: str) -> tuple[subprocess.Popen[str], str]:
     """A real `pxeserver serve` node on loopback (TFTP and HTTP) on the shared registry; its
     API's base URL once it answers."""
-    root.mkdir()
     http_port = free_port()
-    (root / "pxeserver.toml").write_text(
-        f'[server]\naddress = "127.0.0.1"\ndatabase = "{url}"\nnode_name = "{name}"\n'
-        f'[tftp]\naddress = "127.0.0.1"\nport = {free_port(socket.SOCK_DGRAM)}\n'
-        f'[http]\naddress = "127.0.0.1"\nport = {http_port}\n')
-    process = subprocess.Popen([sys.executable, "-m", "pxeserver", "serve"], cwd=root,
+    process = launch(root, f'[server]\naddress = "127.0.0.1"\ndatabase = "{url}"\nnode_name = "{name}"\n'
+                           f'[tftp]\naddress = "127.0.0.1"\nport = {free_port(socket.SOCK_DGRAM)}\n'
+                           f'[http]\naddress = "127.0.0.1"\nport = {http_port}\n')
+    return process, f"http://127.0.0.1:{http_port}/api"
+
+
+def launch(root: Path, config: str, *prefix: str) -> subprocess.Popen[str]:
+    """`pxeserver serve` with ``config`` as its pxeserver.toml in ``root`` (after ``prefix``,
+    e.g. ``ip netns exec NS``), once its banner says it serves."""
+    root.mkdir()
+    (root / "pxeserver.toml").write_text(config)
+    process = subprocess.Popen([*prefix, sys.executable, "-m", "pxeserver", "serve"], cwd=root,
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert process.stdout is not None
     deadline = time.monotonic() + 60
@@ -478,8 +490,8 @@ def serve_process(root: Path, url: str, name: str) -> tuple[subprocess.Popen[str
         line = process.stdout.readline()
         if line.startswith("pxeserver: next:") or not line:
             break
-    assert process.poll() is None and line, "pxeserver serve did not start"
-    return process, f"http://127.0.0.1:{http_port}/api"
+    assert process.poll() is None and line, f"pxeserver serve in {root} did not start"
+    return process
 
 
 def post(url: str, body: dict[str, object]) -> int:
@@ -712,22 +724,11 @@ def dhcp_lan(clients: int) -> Iterator[tuple[str, str, list[str]]]:
 def dhcp_node(root: Path, namespace: str, database: str, address: str, name: str) -> subprocess.Popen[str]:
     """`pxeserver serve` with DHCP only, inside ``namespace``, on the shared registry (reached
     through PostgreSQL's Unix socket: the namespace has no route to the host's loopback)."""
-    root.mkdir()
-    (root / "pxeserver.toml").write_text(
-        f'[server]\naddress = "{address}"\ndatabase = "{database}"\nnode_name = "{name}"\n'
-        '[tftp]\nenabled = false\n[http]\nenabled = false\n'
-        f'[dhcp]\nenabled = true\ninterface = "dhs0"\nsubnet = "{LAN_SUBNET}"\nrouter = "{NODE_A_IP}"\n'
-        'pool_start = "10.77.0.100"\npool_end = "10.77.0.150"\nlease_time = 60\n')
-    process = subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, "-m", "pxeserver", "serve"],
-                               cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert process.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if line.startswith("pxeserver: next:") or not line:
-            break
-    assert process.poll() is None and line, f"node {name} did not start"
-    return process
+    return launch(root, f'[server]\naddress = "{address}"\ndatabase = "{database}"\nnode_name = "{name}"\n'
+                        '[tftp]\nenabled = false\n[http]\nenabled = false\n'
+                        f'[dhcp]\nenabled = true\ninterface = "dhs0"\nsubnet = "{LAN_SUBNET}"\n'
+                        f'router = "{NODE_A_IP}"\npool_start = "10.77.0.100"\npool_end = "10.77.0.150"\n'
+                        'lease_time = 60\n', "ip", "netns", "exec", namespace)
 
 
 def client_events(path: Path) -> list[tuple[str, str, str]]:
