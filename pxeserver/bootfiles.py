@@ -44,6 +44,16 @@ def hash_stream(stream: BinaryIO, algorithm: str = "sha256") -> tuple[str, int]:
 Version = tuple[int, int, int, int]
 
 
+def _pread_sha256(fd: int) -> str:
+    """The SHA-256 of the whole file, read by offset: the descriptor's own position, from which
+    HTTP then sends the file, stays where it is."""
+    digest, offset = hashlib.sha256(), 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
 def _version(info: os.stat_result) -> Version:
     return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
@@ -68,8 +78,7 @@ class _HashCache:
                 known = self._known.get(version)
             if known is not None:
                 return known
-            with os.fdopen(os.dup(fd), "rb") as stream:
-                digest, _ = hash_stream(stream)
+            digest = _pread_sha256(fd)
             with self._lock:
                 self._hashing.pop(version, None)
                 if _version(os.fstat(fd)) == version:  # not remembered if it changed while read
