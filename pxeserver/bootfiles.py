@@ -211,12 +211,15 @@ class BootFileGuard:
         self.verify({path for profile in profiles for path in (profile.kernel, profile.initrd)})
 
     def verify(self, paths: Iterable[str]) -> None:
-        try:
-            records = self._store.boot_files(paths)
-        except Unavailable:
-            return
-        for record in records.values():
-            self._verify(record)
+        # One path per read, as a request asks: a shared registry's node then holds each
+        # record in its last known state, and refuses a bad copy through an outage too.
+        for path in sorted(set(paths)):
+            try:
+                record = self._store.boot_files([path]).get(path)
+            except Unavailable:
+                return
+            if record is not None:
+                self._verify(record)
 
     def _verify(self, record: BootFile) -> None:
         try:
