@@ -41,6 +41,9 @@ class ServerSection:
     database: str = ""
     log_level: str = "info"  # debug, info, warning or error
     events_per_host: int = 1000  # timeline entries kept per host; older ones are dropped
+    # How this node names itself in log lines that other nodes' operators read (a boot file
+    # refused here, not there); empty: the machine's host name.
+    node_name: str = ""
 
 
 @dataclass
@@ -218,6 +221,10 @@ class Config:
         return str(self.path(self.server.database))
 
     @property
+    def node_name(self) -> str:
+        return self.server.node_name or socket.gethostname()
+
+    @property
     def advertised_address(self) -> str:
         """The address written into boot configs and URLs."""
         return self.server.address or _default_route_address()
@@ -258,6 +265,7 @@ def _apply(section: Any, values: dict[str, Any], where: str) -> None:
 LOG_LEVELS = ("debug", "info", "warning", "error")
 KERNEL_TRANSPORTS = ("tftp", "http")
 _INTERFACE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ, and what ip-link accepts
+_NODE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # it goes into log lines: no spaces, no controls
 _TOKEN = re.compile(r"^[\x21-\x7e]*$")  # printable ASCII: it travels in an HTTP header
 MAX_LEASE_TIME = 0xFFFFFFFE  # seconds; 0xFFFFFFFF means "infinite" in DHCP
 
@@ -343,6 +351,8 @@ def validate(config: Config) -> None:
     for key in ("data_dir", "tftp_root", "kickstarts", "preseeds"):
         _directory(config, key)
     _database(config)
+    if server.node_name and not _NODE_NAME.match(server.node_name):
+        _fail("server", "node_name", f"must be 1-64 letters, digits, '.', '_' or '-', not {server.node_name!r}")
     if server.log_level not in LOG_LEVELS:
         _fail("server", "log_level",
               f"must be one of {', '.join(LOG_LEVELS)}, not {server.log_level!r}")

@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from pxeserver.registry.models import Status
-from pxeserver.registry.store import Tally
+from pxeserver.registry.store import Contact, Tally, Unavailable
 
 if TYPE_CHECKING:
     from pxeserver.tftp.session import Session
@@ -191,16 +191,28 @@ class TftpMetrics(ProtocolMetrics):
 
 
 class RegistryCollector:
-    """Hosts by status, profiles and leases, read from the registry when Prometheus scrapes."""
+    """Whether the registry database answers, and hosts by status, profiles and leases, read
+    from the registry when Prometheus scrapes. While the database is away and this node has
+    no last known counts, only the first two are exposed: the scrape itself still works."""
 
-    def __init__(self, size: Callable[[], Tally]) -> None:
+    def __init__(self, size: Callable[[], Tally], contact: Callable[[], Contact]) -> None:
         self._size = size
+        self._contact = contact
 
     def describe(self) -> list[Metric]:
         return []  # no registry read when the collector is registered
 
     def collect(self) -> Iterator[Metric]:
-        size = self._size()
+        contact = self._contact()
+        yield GaugeMetricFamily("pxeserver_registry_up", "1 while the registry database answers this "
+                                "node, 0 while it serves its last known state", value=int(contact.up))
+        yield GaugeMetricFamily("pxeserver_registry_last_contact_timestamp_seconds",
+                                "When the registry database last answered this node (Unix time)",
+                                value=contact.last)
+        try:
+            size = self._size()
+        except Unavailable:
+            return
         hosts = GaugeMetricFamily("pxeserver_hosts", "Registered hosts by install status", labels=["status"])
         for status in Status:
             hosts.add_metric([status.value], size.hosts.get(status, 0))
@@ -237,6 +249,14 @@ class Metrics:
         self.install_duration = Histogram("pxeserver_install_duration_seconds",
                                           "Installs, from registered (or netboot turned on) to installed",
                                           buckets=INSTALL_BUCKETS, registry=registry)
+        # Label: a path an import recorded (a fixed set the registry holds, never a request's).
+        self._boot_file_refusals = Counter("pxeserver_boot_file_refusals",
+                                           "Requests for a recorded kernel or initrd refused because this "
+                                           "node's copy differs from the registry's checksum", ["file"],
+                                           registry=registry)
+        self._boot_files_mismatched = Gauge("pxeserver_boot_files_mismatched",
+                                            "Recorded kernels and initrds whose copy on this node differs "
+                                            "from the registry's checksum", registry=registry)
 
     def protocol(self, name: str) -> ProtocolMetrics:
         return self._get(name, lambda: ProtocolMetrics(self, name))
@@ -263,8 +283,15 @@ class Metrics:
         assert queue in QUEUES, queue
         return self._queue_drops.labels(queue).inc
 
-    def watch_registry(self, size: Callable[[], Tally]) -> None:
-        self.registry.register(RegistryCollector(size))
+    def watch_registry(self, size: Callable[[], Tally], contact: Callable[[], Contact]) -> None:
+        self.registry.register(RegistryCollector(size, contact))
+
+    def boot_file_refused(self, path: str) -> None:
+        self._boot_file_refusals.labels(path).inc()
+
+    def watch_boot_files(self, mismatched: Callable[[], int]) -> None:
+        """Report ``mismatched()`` as the count of bad boot-file copies at every scrape (pull)."""
+        self._boot_files_mismatched.set_function(mismatched)
 
 
 # -- label values, from fixed sets ----------------------------------------------------------

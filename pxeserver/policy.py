@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from pxeserver.bootfiles import BootFileGuard
 from pxeserver.bootspec import BootSpec, LocalBoot, NetBoot
 from pxeserver.config import Config
 from pxeserver.mac import InvalidMac, MacAddress
+from pxeserver.published import Published
 from pxeserver.pxelinux import hex_ip
 from pxeserver.registry import Host, NotFound, Profile, Status, Store, Unavailable
-from pxeserver.registry.store import Tally
+from pxeserver.registry.store import Contact, Tally
 from pxeserver.timeline import Timeline
 
 if TYPE_CHECKING:  # only for its type: pxelinux (and so pypxeboot) import the policy, not prometheus_client
@@ -87,6 +89,8 @@ class BootPolicy:
         self.config = config
         self.timeline = timeline
         self.metrics = metrics
+        self.boot_files = BootFileGuard(store, config.tftp_root, config.node_name,
+                                        metrics.boot_file_refused)
 
     # -- lookups --------------------------------------------------------------------------
 
@@ -111,6 +115,10 @@ class BootPolicy:
     def tally(self) -> Tally:
         """How many hosts (by status), profiles and live leases: the metrics' registry gauges."""
         return self.store.tally(time.time())
+
+    def registry_contact(self) -> Contact:
+        """Whether the registry database answers this node, for the metrics."""
+        return self.store.contact()
 
     def generation(self) -> int:
         """Increases on every registry change: the DNS SOA serial and a cheap "changed?" check."""
@@ -220,6 +228,12 @@ class BootPolicy:
         if lease is not None and lease.expires > (time.time() if now is None else now):
             addresses.add(lease.ip)
         return addresses
+
+    def check_boot_file(self, name: str, published: Published, protocol: str) -> None:
+        """Raise :class:`~pxeserver.bootfiles.BootFileRefused` when the file the TFTP or HTTP
+        service opened for ``name`` is a recorded kernel or initrd that this node's copy no
+        longer matches (several nodes, each with its own copy, share one registry)."""
+        self.boot_files.check(name, published, protocol)
 
     # -- pxelinux.cfg/ names --------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from pxeserver import app
@@ -70,6 +71,10 @@ def run(config: Config) -> int:
         print(f"pxeserver: cannot open the registry: {exc}", file=sys.stderr)
         return 1
     context.writer.write_default()
+    # Hash the recorded boot files once now, off the request path: a bad copy is logged at
+    # start, and the first guest to boot does not wait for its initrd to be read.
+    threading.Thread(target=context.policy.boot_files.verify_all, name="boot-file-check",
+                     daemon=True).start()
     supervisor = context.supervisor
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: supervisor.request_stop())

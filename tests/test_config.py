@@ -75,6 +75,7 @@ BAD: list[tuple[str, str, Any, str]] = [
     ("dns", "domain", "bad..example", "[dns] domain must be a domain name"),
     ("dns", "upstream", "dns.example:53", "[dns] upstream must be an IPv4 address[:port]"),
     ("dns", "upstream", "192.0.2.53:0", "[dns] upstream must be an IPv4 address[:port]"),
+    ("server", "node_name", "node a", "[server] node_name must be 1-64 letters, digits, '.', '_' or '-'"),
     ("api", "token", "two words", "[api] token must be printable ASCII without spaces"),
     ("api", "token", "t\u00f6ken", "[api] token must be printable ASCII without spaces"),
 ]

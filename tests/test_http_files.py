@@ -16,7 +16,7 @@ from http_support import MAC, PROFILE, curl, running
 from pxeserver.app import Context
 from pxeserver.mac import MacAddress
 from pxeserver.published import Published
-from pxeserver.registry import Status
+from pxeserver.registry import BootFile, Status
 from pxeserver.web import files
 from pxeserver.web.server import HttpService
 
@@ -150,6 +150,29 @@ def test_boot_closes_every_descriptor_it_opens(ctx: Context, base: str, kernel: 
     while _open_copies(served) and time.monotonic() < deadline:
         time.sleep(0.05)  # the last response's file is closed by the server's loop
     assert _open_copies(served) == 0
+
+
+def test_a_copy_that_differs_from_the_recorded_checksum_is_refused(ctx: Context, base: str,
+                                                                    kernel: bytes) -> None:
+    """One node, SQLite: an import recorded the kernel's checksum; a copy that no longer matches
+    is refused (whole, ranged and HEAD, its descriptor closed) while the unrecorded initrd is
+    served, and a matching copy moved into place is served again."""
+    served = ctx.config.tftp_root / "images" / "centos5" / "vmlinuz"
+    ctx.provisioning.add_imported_profile(PROFILE, [BootFile(PROFILE["kernel"], len(kernel),
+                                                             hashlib.sha256(kernel).hexdigest(), "test")])
+    url = f"{base}/boot/images/centos5/vmlinuz"
+    assert curl(url).body == kernel
+    served.write_bytes(kernel[:-1] + bytes([kernel[-1] ^ 1]))
+    for args in ((), ("-r", "0-9"), ("-I",)):
+        reply = curl(url, *args)
+        assert reply.status == 503 and reply.headers["retry-after"] == "60", args
+    assert "differs from the registry's checksum" in curl(url).text
+    assert curl(f"{base}/boot/images/centos5/initrd.img").body == b"initrd"
+    assert _open_copies(served) == 0
+    fixed = served.with_name("vmlinuz.new")
+    fixed.write_bytes(kernel)
+    fixed.rename(served)
+    assert curl(url).body == kernel
 
 
 @pytest.mark.slow

@@ -129,6 +129,8 @@ def test_the_exposition_passes_promtool_and_names_no_host(ctx: Context, tmp_path
     assert value(series, "pxeserver_replies_total", protocol="dns", kind="noerror") == 1
     assert value(series, "pxeserver_hosts", status="installing") == 1  # the kickstart was served
     assert value(series, "pxeserver_profiles") == 1
+    assert value(series, "pxeserver_registry_up") == 1
+    assert time.time() - 5 < value(series, "pxeserver_registry_last_contact_timestamp_seconds") <= time.time()
     assert value(series, "pxeserver_lifecycle_steps_total", status="installing") == 1
     for queue in ("timeline", "dhcp-status", "tftp-events"):
         assert (("pxeserver_queue_drops_total", frozenset({("queue", queue)})) in series

@@ -12,7 +12,7 @@ from pxeserver.registry.models import (
     XenSettings,
 )
 from pxeserver.registry.sqlite import SqliteStore
-from pxeserver.registry.store import Change, HostSummary, Lease, Store, Unavailable
+from pxeserver.registry.store import Change, Contact, HostSummary, Lease, Store, Unavailable
 
 
 def is_postgresql(database: str) -> bool:
@@ -40,7 +40,7 @@ def open_store(database: str) -> Store:
 
 
 __all__ = [
-    "BootFile", "Change", "Conflict", "Event", "Host", "HostSummary", "Lease", "NotFound", "Profile",
+    "BootFile", "Change", "Conflict", "Contact", "Event", "Host", "HostSummary", "Lease", "NotFound", "Profile",
     "SqliteStore", "Status", "Store", "Unavailable", "ValidationError", "XenSettings", "describe_database",
     "is_postgresql", "open_store",
 ]

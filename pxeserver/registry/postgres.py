@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -43,7 +44,7 @@ from pxeserver.registry.models import (
     ValidationError,
     XenSettings,
 )
-from pxeserver.registry.store import Change, HostSummary, Lease, Tally, Unavailable
+from pxeserver.registry.store import Change, Contact, HostSummary, Lease, Tally, Unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,6 +52,8 @@ T = TypeVar("T")
 CHANNEL = "pxeserver"
 MIGRATION_LOCK = 0x70786573  # pg_advisory_xact_lock key: one node migrates at a time
 CONNECT_TIMEOUT = 5  # seconds to reach the server (or get a pooled connection) before giving up
+LISTENER_NAME = "pxeserver listener"  # its application_name, as pg_stat_activity shows it
+HEARTBEAT = 1.0  # seconds between the listener's checks that the database still answers
 CACHE_ENTRIES = 200_000  # answers kept per node (a MAC-spraying client cannot grow it further)
 
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
@@ -226,6 +229,7 @@ class PostgresStore:
         self._epoch = 0  # how often this node answered from before: caches built then are stale
         self._generation_lock = threading.Lock()
         self._live = threading.Event()  # the listener is connected: the generation is current
+        self._last_contact = 0.0  # time.time() of the listener's last answer from the database
         self._watchers: list[Callable[[Change], None]] = []
         self._closing = threading.Event()
         self._listener = threading.Thread(target=self._listen, name="registry-listener", daemon=True)
@@ -248,6 +252,9 @@ class PostgresStore:
             with self._pool.connection(timeout=timeout) as conn:
                 conn.row_factory = dict_row  # type: ignore[assignment]
                 yield conn  # type: ignore[misc]
+        except psycopg.errors.TransactionRollback as exc:  # a deadlock or serialization failure
+            raise Conflict(f"a concurrent change of the same records got in the way; try again "
+                           f"({_reason(exc)})") from None
         except _UNREACHABLE as exc:
             raise Unavailable(f"the registry database is unreachable: {_reason(exc)}") from None
 
@@ -301,7 +308,8 @@ class PostgresStore:
         delay, down = 0.1, False
         while not self._closing.is_set():
             try:
-                with psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
+                                     application_name=LISTENER_NAME) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
                     missed = down and row is not None and int(row[0]) != self._generation
@@ -311,13 +319,17 @@ class PostgresStore:
                         with self._generation_lock:
                             self._epoch += 1  # rebuild what was built from the last known state
                         log.warning("registry database is reachable again")
+                    self._last_contact = time.time()
                     self._live.set()
                     if missed:  # other nodes changed things meanwhile
                         self._tell(Change("all", ""))
                     delay, down = 0.1, False
                     while not self._closing.is_set():
-                        for notify in conn.notifies(timeout=0.5):
+                        for notify in conn.notifies(timeout=HEARTBEAT / 2):
                             self._notified(notify.payload)
+                        if time.time() - self._last_contact >= HEARTBEAT:
+                            conn.execute("SELECT 1")  # raises once the database is gone
+                            self._last_contact = time.time()
             except psycopg.Error as exc:
                 if self._live.is_set():
                     log.error("registry database unreachable (%s): serving the last known state, "
@@ -370,6 +382,9 @@ class PostgresStore:
         """Whether this node is connected to the database right now."""
         return self._live.is_set()
 
+    def contact(self) -> Contact:
+        return Contact(self._live.is_set(), self._last_contact)
+
     # -- profiles -----------------------------------------------------------------------------
 
     def add_profile(self, profile: Profile) -> None:
@@ -417,7 +432,9 @@ class PostgresStore:
         return list(profiles)
 
     def add_imported_profile(self, profile: Profile, files: Iterable[BootFile]) -> bool:
-        rows = [(f.path, f.size, f.sha256, f.source) for f in files]
+        # In path order: two nodes importing overlapping files lock the rows in one order, so
+        # neither waits for the other while holding what the other waits for (a deadlock).
+        rows = sorted((f.path, f.size, f.sha256, f.source) for f in files)
         with self._write() as (conn, changes):
             with conn.cursor() as cursor:
                 cursor.executemany(

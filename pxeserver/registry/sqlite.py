@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -29,7 +30,7 @@ from pxeserver.registry.models import (
     ValidationError,
     XenSettings,
 )
-from pxeserver.registry.store import Change, HostSummary, Lease, Tally
+from pxeserver.registry.store import Change, Contact, HostSummary, Lease, Tally
 
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
 MIGRATIONS: list[str] = [
@@ -236,7 +237,7 @@ class SqliteStore:
         return [_profile(row) for row in rows]
 
     def add_imported_profile(self, profile: Profile, files: Iterable[BootFile]) -> bool:
-        rows = [(f.path, f.size, f.sha256, f.source) for f in files]
+        rows = sorted((f.path, f.size, f.sha256, f.source) for f in files)
         with self._write() as conn:
             conn.executemany(
                 "INSERT INTO boot_files (path, size, sha256, source) VALUES (?, ?, ?, ?) "
@@ -469,6 +470,10 @@ class SqliteStore:
             (now,),
         ).fetchall()
         return [(row[0], row[1], row[2]) for row in rows]
+
+    def contact(self) -> Contact:
+        """A file on this machine: always there (a disk error shows on the write that meets it)."""
+        return Contact(True, time.time())
 
     def tally(self, now: float) -> Tally:
         conn = self._connection()

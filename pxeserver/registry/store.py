@@ -39,6 +39,14 @@ class Change:
 
 
 @dataclass(frozen=True)
+class Contact:
+    """Whether this node reaches the registry database now, and when it last did."""
+
+    up: bool
+    last: float  # time.time() of the last answer from the database; 0 if none yet
+
+
+@dataclass(frozen=True)
 class Tally:
     """How much the registry holds, for the metrics a scrape reads."""
 
@@ -140,6 +148,11 @@ class Store(Protocol):
 
     # Counts only (two light queries), read at every metrics scrape.
     def tally(self, now: float) -> Tally: ...
+
+    def contact(self) -> Contact:
+        """Whether the database answers this node now (no query: a scrape during an outage must
+        not wait for a timeout)."""
+        ...
 
     def watch(self, on_change: Callable[[Change], None]) -> None:
         """Call ``on_change`` for each change another node makes, as it commits (from another

@@ -3,7 +3,8 @@
 ``pxelinux.cfg/<name>`` is answered by the boot policy first (so servers sharing a registry
 agree), then by an admin-provided file on disk. Everything else is a file under the TFTP root
 that published.py allows (contained by its real path, regular, world-readable), the same
-rule HTTP's /boot/ follows.
+rule HTTP's /boot/ follows, and that the policy does not refuse as differing from the
+registry's checksum (bootfiles.py).
 
 A file is sent from memory when :class:`~pxeserver.tftp.cache.FileMemory` has room for it:
 one snapshot per file version and mode, shared by every transfer, its DATA packets kept per
@@ -21,6 +22,7 @@ from collections.abc import Hashable
 from pathlib import Path
 
 from pxeserver import pxelinux
+from pxeserver.bootfiles import BootFileRefused
 from pxeserver.policy import PXELINUX_DIR, BootPolicy
 from pxeserver.published import NotPublished, open_published
 from pxeserver.tftp.cache import FileMemory, Packets, Slices, Version, packets_charge, version_of
@@ -241,6 +243,11 @@ class Resolver:
         except NotPublished as exc:
             code = ErrorCode.FILE_NOT_FOUND if exc.missing else ErrorCode.ACCESS_VIOLATION
             raise TftpError(code, str(exc)) from None
+        try:
+            self.policy.check_boot_file(name, published, "tftp")
+        except BootFileRefused as exc:
+            os.close(published.fd)
+            raise TftpError(ErrorCode.ACCESS_VIOLATION, str(exc)) from None
         if mode == "netascii" and published.info.st_size > NETASCII_LIMIT:
             os.close(published.fd)
             raise TftpError(ErrorCode.NOT_DEFINED, "file too large for netascii; use octet mode")

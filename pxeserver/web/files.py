@@ -20,6 +20,7 @@ from jinja2 import TemplateError
 
 from pxeserver.app import Context
 from pxeserver.autoinstall import AutoinstallRenderer
+from pxeserver.bootfiles import BootFileRefused
 from pxeserver.mac import InvalidMac, MacAddress
 from pxeserver.policy import AutoinstallKind, BootSpec, LocalBoot, NotInstalling, SecretRefused
 from pxeserver.published import NotPublished, Published, open_published
@@ -137,12 +138,21 @@ def boot_file(subpath: str) -> Response:
 
     Containment is checked on the real path, after symlinks are followed, so ``..``,
     ``%2e%2e`` (decoded before routing) and a symlink pointing out of the root all end here.
+    A recorded kernel or initrd whose copy here differs from the registry's checksum gets 503:
+    another node, or this one once the copy is fixed, serves it.
     """
     context = _context()
     try:
         published = open_published(context.config.tftp_root, subpath)
     except NotPublished:
         return _text("not found\n", 404)
+    try:
+        context.policy.check_boot_file(subpath, published, "http")
+    except BootFileRefused as exc:
+        os.close(published.fd)
+        response = _text(f"{exc}; refused\n", 503)
+        response.headers["Retry-After"] = "60"
+        return response
     response = _send_published(published)
     if request.method == "GET" and response.status_code == 200:
         host = context.policy.host_by_ip(request.remote_addr or "")
