@@ -219,8 +219,8 @@ def test_database_killed_nodes_answer_from_last_state_refuse_writes_and_recover(
         assert metric(base, "pxeserver_registry_up") == 1
         assert time.time() - 3 < (metric(base, "pxeserver_registry_last_contact_timestamp_seconds") or 0)
 
-        killed_at = time.time()
         own_cluster.kill()
+        killed_at = time.time()  # the postmaster and every backend are gone: no answer after this
         # The scrape says so (and still works: the registry's counts come from the last known state).
         noticed = until(lambda: metric(base, "pxeserver_registry_up") == 0)
         assert not b.store.healthy()  # type: ignore[attr-defined]
