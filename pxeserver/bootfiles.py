@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pxeserver.published import NotPublished, open_published
+from pxeserver.published import NotPublished, Published, open_published
 from pxeserver.registry import Profile, Store
 
 CHUNK = 1 << 20
@@ -31,26 +31,50 @@ def hash_stream(stream: BinaryIO, algorithm: str = "sha256") -> tuple[str, int]:
 
 
 class _HashCache:
+    """SHA-256 per file version. One thread hashes a version while others asking for it wait:
+    at the start of a boot storm every /boot/ request asks for the same initrd's digest at once."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._known: dict[tuple[int, int, int, int], str] = {}
+        self._hashing: dict[tuple[int, int, int, int], threading.Lock] = {}
 
     def sha256(self, fd: int, info: os.stat_result) -> str:
         version = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
         with self._lock:
             known = self._known.get(version)
-        if known is not None:
-            return known
-        with os.fdopen(os.dup(fd), "rb") as stream:
-            digest, _ = hash_stream(stream)
-        with self._lock:
-            if len(self._known) >= _HASH_CACHE_ENTRIES:
-                self._known.pop(next(iter(self._known)))
-            self._known[version] = digest
+            if known is not None:
+                return known
+            hashing = self._hashing.setdefault(version, threading.Lock())
+        with hashing:
+            with self._lock:
+                known = self._known.get(version)
+            if known is not None:
+                return known
+            digest = _hash_fd(fd)  # pread: the descriptor's offset stays where a sender expects it
+            with self._lock:
+                if len(self._known) >= _HASH_CACHE_ENTRIES:
+                    self._known.pop(next(iter(self._known)))
+                self._known[version] = digest
+                self._hashing.pop(version, None)
         return digest
 
 
+def _hash_fd(fd: int) -> str:
+    digest, offset = hashlib.sha256(), 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
 _cache = _HashCache()
+
+
+def served_sha256(published: Published) -> str:
+    """The SHA-256 of the file version behind an open published descriptor (what /boot/
+    announces), computed once per version."""
+    return _cache.sha256(published.fd, published.info)
 
 
 def file_status(tftp_root: Path, path: str, store: Store) -> dict[str, Any]:

@@ -95,6 +95,9 @@ class HttpSection:
     max_connections_per_address: int = 32  # open connections from one client address
     # GET /dom0/pypxeboot: the file `pxeserver build-pypxeboot` writes, for a dom0 to fetch.
     serve_pypxeboot: bool = True
+    # /boot/ answers carry the file's SHA-256 (Repr-Digest, X-Checksum-SHA256), hashed once per
+    # file version: pypxeboot's dom0 cache (cache_dir=) uses it so a dom0 downloads each file once.
+    announce_digests: bool = True
 
 
 @dataclass
