@@ -25,7 +25,11 @@ with every pypxeboot given ``cache_dir=`` its dom0's cache. The guests are sprea
 but each dom0 has its own cache directory, empty at the start of each run). pxeserver
 announces each boot file's SHA-256, so one guest per dom0 downloads it and the others copy it;
 nginx announces none, so the same pypxeboot downloads every file as without the cache (after
-one HEAD each). Both ratios, with and without the cache, are printed. Ours runs with per-address caps raised to 4N + 64: every
+one HEAD each). Both ratios, with and without the cache, are printed. ``--link-mbit`` shapes
+what the server sends to a line rate (a real boot server's NIC; unshaped, the veth pair is as
+fast as this machine copies memory, and the storm measures CPU instead).
+
+Ours runs with per-address caps raised to 4N + 64: every
 guest's pypxeboot runs in dom0 and so comes from dom0's one address (the default caps, 32,
 would refuse the rest of a storm; a TFTP transfer whose last ACK was lost holds its slot until
 it times out, hence the margin; an admin booting N guests at once from one dom0 sets them so).
@@ -91,10 +95,13 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 class Lan:
     """The server namespace and dom0 (with br0 and every guest's address), deleted on exit."""
 
-    def __init__(self, guests: int) -> None:
+    def __init__(self, guests: int, link_mbit: int) -> None:
         self.server, self.dom0 = f"bs{os.getpid()}-srv", f"bs{os.getpid()}-dom0"
         try:
             self._build(guests)
+            if link_mbit:  # the boot server's NIC: what it sends is shaped to its line rate
+                sh("ip", "netns", "exec", self.server, "tc", "qdisc", "add", "dev", SERVER_IF, "root", "tbf",
+                   "rate", f"{link_mbit}mbit", "burst", "1mb", "latency", "100ms")
         except BaseException:
             self.close()
             raise
@@ -424,8 +431,10 @@ def fastest(runs: list[Figures]) -> Figures:
 
 def report(figures: list[Figures], options: argparse.Namespace, sizes: dict[str, int],
            rounds: dict[str, list[Figures]]) -> None:
-    print(f"\nboot storm: {options.guests} guests at once on {options.dom0s} dom0s, kernel {sizes[KERNEL] >> 20} MiB "
-          f"+ initrd {sizes[INITRD] >> 20} MiB each, written to {options.output_dir} ({os.cpu_count()} CPUs, "
+    link = f"a {options.link_mbit} Mbit/s server link" if options.link_mbit else "an unshaped link"
+    print(f"\nboot storm: {options.guests} guests at once on {options.dom0s} dom0s over {link}, "
+          f"kernel {sizes[KERNEL] >> 20} MiB + initrd {sizes[INITRD] >> 20} MiB each, written to {options.output_dir} "
+          f"({os.cpu_count()} CPUs, "
           f"clients and servers on the same machine, load average at the start {options.load_before:.1f})")
     print(f"{'stack':<10} {'all done s':>10} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'failed':>6} "
           f"{'server CPU s':>12} {'guests CPU s':>12}")
@@ -449,7 +458,7 @@ def report(figures: list[Figures], options: argparse.Namespace, sizes: dict[str,
             ratio = by_name[ours].wall / by_name[peer].wall
             summary.append(f"{ours}/{peer} {ratio:.2f} (target <= {target}: {'met' if ratio <= target else 'missed'})")
     failed = sum(len(f.failures) for f in figures)
-    print(f"summary: N={options.guests} on {options.dom0s} dom0s, initrd {sizes[INITRD] >> 20} MiB: "
+    print(f"summary: N={options.guests} on {options.dom0s} dom0s, {link}, initrd {sizes[INITRD] >> 20} MiB: "
           + "; ".join(summary) + f"; failures {failed}")
 
 
@@ -469,6 +478,8 @@ def main() -> None:
     parser.add_argument("--kernel-mb", type=int, default=8)
     parser.add_argument("--dom0s", type=int, default=10, help="Xen hosts the guests are spread over (guest i on "
                         "dom0 i %% H); the guests of one dom0 share its pypxeboot cache in the *-cache stacks")
+    parser.add_argument("--link-mbit", type=int, default=0, help="the boot server's line rate in Mbit/s "
+                        "(tc tbf on its side of the link; default 0: unshaped, as fast as the machine copies)")
     parser.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stacks", default=",".join(STACKS), help="which of " + ", ".join(STACKS))
     parser.add_argument("--rounds", type=int, default=1, help="runs per stack, in turn; the fastest counts")
@@ -485,8 +496,10 @@ def main() -> None:
         raise SystemExit("bootstorm needs root (network namespaces, DHCP, port 69 and 80)")
     stacks = [s for s in options.stacks.split(",") if s]
     if not stacks or set(stacks) - set(STACKS) or not 1 <= options.guests <= 4000 or not 1 <= options.rounds <= 20 \
-            or not 1 <= options.dom0s <= options.guests:
-        raise SystemExit(f"--stacks takes {', '.join(STACKS)}; --guests 1..4000; --rounds 1..20; --dom0s 1..guests")
+            or not 1 <= options.dom0s <= options.guests \
+            or not 0 <= options.link_mbit <= 100_000:
+        raise SystemExit(f"--stacks takes {', '.join(STACKS)}; --guests 1..4000; --rounds 1..20; "
+                         "--dom0s 1..guests; --link-mbit 0..100000")
     options.load_before = os.getloadavg()[0]
     if not options.output_dir:
         options.output_dir = output_directory(options.guests * (options.kernel_mb + options.initrd_mb) << 20)
@@ -496,7 +509,7 @@ def main() -> None:
     try:
         root = workdir / "tftproot"
         sizes = make_images(root, options.kernel_mb, options.initrd_mb)
-        lan = Lan(options.guests)
+        lan = Lan(options.guests, options.link_mbit)
         rounds: dict[str, list[Figures]] = {name: [] for name in stacks}
         for round_number in range(options.rounds):
             for name in stacks:

@@ -239,25 +239,40 @@ class Fetcher:
 
 
     def _http(self, url: str, file: BinaryIO, limit: int, too_big: str) -> int:
-        """An HTTP download, through the dom0 cache when one is set and the server announces
-        the file's SHA-256 (cache.py): copied from the cache when it holds that digest, else
-        downloaded into it by one pypxeboot while the others booting the same file wait."""
-        if self.cache is None:
-            return http.download(url, self.server, file, limit, too_big, self.bounds)
-        announced = http.head(url, self.server, self.bounds)
+        """An HTTP download, through the dom0 cache when one is set (cache.py). The cache
+        failing (a full disk, say) costs the boot only the cache: a warning, then a download."""
+        if self.cache is not None:
+            try:
+                return self._through_cache(self.cache, url, file, limit, too_big)
+            except OSError as exc:
+                print(f"pypxeboot: warning: cache_dir={self.cache.path}: {one_line(str(exc))}: "
+                      "booting without the cache", file=sys.stderr)
+                self.cache.close()
+                self.cache = None
+                file.seek(0)
+                file.truncate()
+        return http.download(url, self.server, file, limit, too_big, self.bounds)
+
+    def _through_cache(self, cache: Cache, url: str, file: BinaryIO, limit: int, too_big: str) -> int:
+        """Copied from the cache when it holds the digest the server announces, else downloaded
+        into it by one pypxeboot while the others booting the same file wait, then copied."""
+        try:
+            announced = http.head(url, self.server, self.bounds)
+        except ServerRefused:  # a server that answers no HEAD: as without a cache
+            announced = http.Announced(None, None)
         sha256, length = announced.sha256, announced.length
-        if sha256 is None or length is None or length > min(limit, self.cache.max_bytes):
+        if sha256 is None or length is None or length > min(limit, cache.max_bytes):
             return http.download(url, self.server, file, limit, too_big, self.bounds)
-        with self.cache.locked(sha256, self.bounds):
-            copied = self.cache.copy_to(sha256, file, limit, too_big)
+        with cache.locked(sha256, self.bounds):
+            copied = cache.copy_to(sha256, file, limit, too_big)
             if copied is None:
-                with self.cache.new_entry(sha256) as entry:
+                with cache.new_entry(sha256) as entry:
                     http.download(url, self.server, entry, limit, too_big, self.bounds, expect_sha256=sha256)
-                copied = self.cache.copy_to(sha256, file, limit, too_big)
+                copied = cache.copy_to(sha256, file, limit, too_big)
             else:
                 self.cache_hits += 1
         if copied is None:
-            raise BootFailed(f"{url}: {self.cache.path}/{sha256} vanished as it was kept")
+            raise CacheUnusable(f"{sha256} vanished as it was kept")
         return copied
 
 
