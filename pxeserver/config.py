@@ -155,6 +155,9 @@ class XenSection:
     # xl runs a bare bootloader name only from its own directory (/usr/lib/xen-4.17/bin on
     # Debian): domu-config writes this absolute path, where `build-pypxeboot -o` puts it.
     bootloader: str = "/usr/local/bin/pypxeboot"
+    # domu-config adds cache_dir=<this> to bootloader_args: the guests of one dom0 then download
+    # each kernel and initrd once (pypxeboot/cache.py). Empty: no cache word.
+    pypxeboot_cache_dir: str = ""
 
 
 @dataclass
@@ -415,6 +418,9 @@ def validate(config: Config) -> None:
             _fail("xen", "disk_roots", f"must be absolute paths without '..', not {root!r}")
     if not re.fullmatch(r"/[A-Za-z0-9._+/-]+", config.xen.bootloader):
         _fail("xen", "bootloader", f"must be an absolute path of plain characters, not {config.xen.bootloader!r}")
+    if config.xen.pypxeboot_cache_dir and not re.fullmatch(r"/[A-Za-z0-9._+/-]+", config.xen.pypxeboot_cache_dir):
+        _fail("xen", "pypxeboot_cache_dir", "must be empty or an absolute path of plain characters, "
+                                            f"not {config.xen.pypxeboot_cache_dir!r}")
     for name in config.api.secret_vars:
         if not isinstance(name, str):
             _fail("api", "secret_vars", f"must be variable names, not {name!r}")

@@ -55,7 +55,7 @@ class FileServer(ThreadingHTTPServer):
 
     def __init__(self, files: dict[str, tuple[bytes, str | None]]) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.files, self.gets = files, Counter[str]()
+        self.files, self.gets, self.no_head = files, Counter[str](), False
         self.lock = threading.Lock()
 
     def url(self, path: str) -> str:
@@ -69,6 +69,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_HEAD(self) -> None:
+        if self.server.no_head:
+            self.send_error(405)
+            return
         self._answer(body=False)
 
     def do_GET(self) -> None:
@@ -206,6 +209,32 @@ def test_a_server_announcing_no_digest_is_downloaded_as_without_a_cache(tmp_path
             assert_booted(boot(tmp_path / run, port, cache), tmp_path / run / "d", KERNEL, INITRD)
     assert server.gets == {"/linux": 2, "/initrd": 1}
     assert set(kept(cache)) == {sha256(INITRD)}
+
+
+def test_a_server_without_head_is_downloaded_as_without_a_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with serving() as (server, port):
+        server.no_head = True
+        outcome = boot(tmp_path / "1", port, cache)
+    assert_booted(outcome, tmp_path / "1" / "d", KERNEL, INITRD)
+    assert server.gets == {"/linux": 1, "/initrd": 1} and kept(cache) == {}
+
+
+def test_a_full_cache_disk_costs_only_the_cache(tmp_path: Path) -> None:
+    """A 64 KiB tmpfs as cache_dir: keeping the 150 KB kernel fails (ENOSPC); the boot warns
+    once, downloads as without a cache, and leaves no partial file."""
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(cache)], check=True, timeout=30)
+    try:
+        with serving() as (server, port):
+            outcome = boot(tmp_path / "1", port, cache)
+        left = kept(cache)
+    finally:
+        subprocess.run(["umount", str(cache)], check=True, timeout=30)
+    assert_booted(outcome, tmp_path / "1" / "d", KERNEL, INITRD)
+    assert outcome.stderr.count("pypxeboot: warning: cache_dir=") == 1 and "No space left" in outcome.stderr
+    assert left == {} and server.gets == {"/linux": 2, "/initrd": 1}  # the kernel again, then no cache
 
 
 def test_the_cap_keeps_the_most_recently_used(tmp_path: Path) -> None:

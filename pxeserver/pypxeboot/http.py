@@ -15,6 +15,10 @@ transfer before any body is read, and a body that passes the cap (chunked, or lo
 said) stops there. Silence, a drip under the speed floor and the boot's deadline end it too:
 each read waits at most until the end of the current rate window, and the headers must come
 within one window.
+
+For the dom0 cache (cache.py) a HEAD first asks the file's announced SHA-256 (``Repr-Digest``
+or ``X-Checksum-SHA256``, under the same checks); a GET then made to fill the cache must
+announce the same digest, and its body must hash to it, or nothing is kept and the boot fails.
 """
 
 from __future__ import annotations
