@@ -99,9 +99,10 @@ class Lan:
         self.server, self.dom0 = f"bs{os.getpid()}-srv", f"bs{os.getpid()}-dom0"
         try:
             self._build(guests)
-            if link_mbit:  # the boot server's NIC: what it sends is shaped to its line rate
-                sh("ip", "netns", "exec", self.server, "tc", "qdisc", "add", "dev", SERVER_IF, "root", "tbf",
-                   "rate", f"{link_mbit}mbit", "burst", "1mb", "latency", "100ms")
+            if link_mbit:  # the boot server's NIC: its line rate, and Linux's default fq_codel queue
+                tc = ["ip", "netns", "exec", self.server, "tc", "qdisc", "add", "dev", SERVER_IF]
+                sh(*tc, "root", "handle", "1:", "tbf", "rate", f"{link_mbit}mbit", "burst", "1mb", "latency", "100ms")
+                sh(*tc, "parent", "1:", "fq_codel")
         except BaseException:
             self.close()
             raise
