@@ -19,7 +19,18 @@ storm, so the installer steps leave from it. Nothing else is contacted.
 Stacks (``--stacks``): ``ours-tftp`` (pxeserver serve: DHCP, TFTP, HTTP; kernels over TFTP),
 ``ours-http`` ([boot] kernel_transport = "http"), ``peer-tftp`` (dnsmasq DHCP+TFTP, nginx for
 the static preseeds and the callback), ``peer-http`` (the same, with configs naming nginx
-URLs for the kernel and initrd). Ours runs with per-address caps raised to 4N + 64: every
+URLs for the kernel and initrd), and ``ours-cache`` / ``peer-cache``: the two HTTP stacks again
+with every pypxeboot given ``cache_dir=`` its dom0's cache. The guests are spread over
+``--dom0s`` H simulated Xen hosts (guest i on dom0 i % H; they share one network namespace,
+but each dom0 has its own cache directory, empty at the start of each run). pxeserver
+announces each boot file's SHA-256, so one guest per dom0 downloads it and the others copy it;
+nginx announces none, so the same pypxeboot downloads every file as without the cache (after
+one HEAD each). Both ratios, with and without the cache, are printed. ``--link-mbit`` shapes
+what the server sends to a line rate with tbf, one FIFO queue (a real boot server's NIC, though
+Linux would put fq_codel under it, which this kernel lacks; unshaped, the veth pair is as
+fast as this machine copies memory, and the storm measures CPU instead).
+
+Ours runs with per-address caps raised to 4N + 64: every
 guest's pypxeboot runs in dom0 and so comes from dom0's one address (the default caps, 32,
 would refuse the rest of a storm; a TFTP transfer whose last ACK was lost holds its slot until
 it times out, hence the margin; an admin booting N guests at once from one dom0 sets them so).
@@ -27,8 +38,10 @@ With ``--rounds R`` the stacks run in turn R times and each one's fastest round 
 machine's other load adds noise, as in bench/tftp.py); every round's time is printed.
 
 Figures per stack: the time until every guest is done, p50/p95/max per guest, failures, and
-the server processes' CPU seconds (user+system; nginx's and dnsmasq's together); then the
-ratios ours/peer. Needs root. Run: ``.venv/bin/python bench/bootstorm.py [--guests 200]
+the server processes' CPU seconds (user+system; nginx's and dnsmasq's together) and the
+guests' (every pypxeboot and installer step, all in dom0); the median time per phase
+(pypxeboot's DHCP, config, kernel, initrd from its success line; the installer's DHCP,
+preseed, callback); then the ratios ours/peer. Needs root. Run: ``.venv/bin/python bench/bootstorm.py [--guests 200]
 [--initrd-mb 40] [--kernel-mb 8] [--stacks ours-tftp,ours-http,peer-tftp,peer-http]``.
 """
 
@@ -39,6 +52,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -60,7 +74,8 @@ SERVER_IP, DOM0_IP, PREFIX = "10.88.0.1", "10.88.0.2", 16
 SERVER_IF, DOM0_PORT, BRIDGE = "srv0", "vif0", "br0"
 KERNEL, INITRD = "images/bench/linux", "images/bench/initrd.img"
 DOMAIN = "storm.example"
-STACKS = ("ours-tftp", "ours-http", "peer-tftp", "peer-http")
+STACKS = ("ours-tftp", "ours-http", "ours-cache", "peer-tftp", "peer-http", "peer-cache")
+PHASES = ("DHCP", "config", "kernel", "initrd", "dhcp", "preseed", "callback")  # pypxeboot's, then the installer's
 
 
 def guest_mac(index: int) -> str:
@@ -81,10 +96,13 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 class Lan:
     """The server namespace and dom0 (with br0 and every guest's address), deleted on exit."""
 
-    def __init__(self, guests: int) -> None:
+    def __init__(self, guests: int, link_mbit: int) -> None:
         self.server, self.dom0 = f"bs{os.getpid()}-srv", f"bs{os.getpid()}-dom0"
         try:
             self._build(guests)
+            if link_mbit:  # the boot server's NIC: what it sends is shaped to its line rate
+                sh("ip", "netns", "exec", self.server, "tc", "qdisc", "add", "dev", SERVER_IF, "root", "tbf",
+                   "rate", f"{link_mbit}mbit", "burst", "1mb", "latency", "100ms")
         except BaseException:
             self.close()
             raise
@@ -257,7 +275,7 @@ def start_peer(lan: Lan, workdir: Path, root: Path, guests: int, transport: str)
 # -- the guests (run inside dom0) --------------------------------------------------------------
 
 
-def one_guest(index: int, sizes: dict[str, int], workdir: Path, deadline: float) -> dict[str, object]:
+def one_guest(index: int, sizes: dict[str, int], workdir: Path, deadline: float, cache: str) -> dict[str, object]:
     """One domU's boot and install; returns its step times, or the error that stopped it."""
     from pxeserver.mac import MacAddress
     from pxeserver.pypxeboot.dhcp import obtain_lease
@@ -273,7 +291,7 @@ def one_guest(index: int, sizes: dict[str, int], workdir: Path, deadline: float)
         booted = subprocess.run([sys.executable, "-c", "from pxeserver.pypxeboot import main; main()",
                                  f"--output={result}", "--output-format=simple0", f"--output-directory={out}",
                                  f"mac={mac}", f"interface={BRIDGE}", f"dhcp_server={SERVER_IP}",
-                                 f"deadline={int(deadline - time.monotonic())}", "/dev/null"],
+                                 f"deadline={int(deadline - time.monotonic())}", *cache_words(cache), "/dev/null"],
                                 capture_output=True, text=True, timeout=max(deadline - time.monotonic(), 1),
                                 stdin=subprocess.DEVNULL)
         if booted.returncode != 0:
@@ -285,6 +303,8 @@ def one_guest(index: int, sizes: dict[str, int], workdir: Path, deadline: float)
             if size != sizes[name]:
                 raise RuntimeError(f"{key}: {size} bytes, not {sizes[name]}")
         steps["pypxeboot"] = time.monotonic() - started
+        said = re.search(r"\((DHCP [^)]*)\)", booted.stderr)  # "(DHCP 0.12 s, config 0.01 s, ...; 1 from ...)"
+        phases = dict(re.findall(r"(\w+) ([0-9.]+) s", said.group(1))) if said else {}
         lease = obtain_lease(MacAddress.parse(mac), BRIDGE, SERVER_IP, deadline)
         if lease.ip != ip:
             raise RuntimeError(f"the installer's DHCP gave {lease.ip}, not {ip}")
@@ -297,7 +317,9 @@ def one_guest(index: int, sizes: dict[str, int], workdir: Path, deadline: float)
         steps["preseed"] = time.monotonic() - started
         fetch("POST", callback.group(1), ip, deadline)
         steps["done"] = time.monotonic() - started
-        return {"index": index, "steps": steps}
+        return {"index": index, "steps": steps, "phases": {
+            **{name: float(value) for name, value in phases.items()}, "dhcp": steps["dhcp"] - steps["pypxeboot"],
+            "preseed": steps["preseed"] - steps["dhcp"], "callback": steps["done"] - steps["preseed"]}}
     except Exception as exc:  # noqa: BLE001 - every failure is reported, none stops the storm
         return {"index": index, "steps": steps, "error": f"{type(exc).__name__}: {exc}"[:400]}
 
@@ -320,16 +342,22 @@ def fetch(method: str, url: str, source: str, deadline: float) -> str:
         connection.close()
 
 
-def storm(guests: int, sizes: dict[str, int], workdir: Path, timeout: float) -> None:
+def cache_words(cache: str) -> list[str]:
+    return [f"cache_dir={cache}"] if cache else []
+
+
+def storm(guests: int, sizes: dict[str, int], workdir: Path, timeout: float, dom0s: int, cached: bool) -> None:
     """Inside dom0: every guest at once (one thread each, pypxeboot its own process); prints
-    one JSON line per guest."""
+    one JSON line per guest, then one with the CPU seconds the guests' side used. Guest i runs
+    on simulated dom0 i % dom0s: with ``cached``, that dom0's pypxeboot cache directory."""
     start = threading.Barrier(guests)
     results: list[dict[str, object]] = [{} for _ in range(guests)]
     deadline = time.monotonic() + timeout
 
     def run(index: int) -> None:
         start.wait()
-        results[index] = one_guest(index, sizes, workdir, deadline)
+        cache = str(workdir / f"cache-dom0-{index % dom0s}") if cached else ""
+        results[index] = one_guest(index, sizes, workdir, deadline, cache)
 
     threads = [threading.Thread(target=run, args=(index,)) for index in range(guests)]
     for thread in threads:
@@ -338,6 +366,8 @@ def storm(guests: int, sizes: dict[str, int], workdir: Path, timeout: float) -> 
         thread.join(max(deadline - time.monotonic(), 0) + 30)
     for index, result in enumerate(results):
         print(json.dumps(result or {"index": index, "steps": {}, "error": "no result by the deadline"}))
+    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    print(json.dumps({"client_cpu": sum(u.ru_utime + u.ru_stime for u in used)}))
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -351,6 +381,8 @@ class Figures:
     failures: list[str]
     cpu: float
     steps: dict[str, float]  # median time at which each step ended
+    phases: dict[str, float]  # median seconds each phase took
+    client_cpu: float  # every guest's pypxeboot and installer steps together
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -361,62 +393,74 @@ def percentile(values: list[float], fraction: float) -> float:
 def run_stack(name: str, lan: Lan, workdir: Path, root: Path, sizes: dict[str, int],
               options: argparse.Namespace) -> Figures:
     kind, transport = name.split("-")
-    running = (start_ours if kind == "ours" else start_peer)(lan, workdir, root, options.guests, transport)
+    served = "http" if transport == "cache" else transport
+    running = (start_ours if kind == "ours" else start_peer)(lan, workdir, root, options.guests, served)
     guests_dir = Path(tempfile.mkdtemp(prefix=f"bootstorm-{name}-", dir=options.output_dir))
     try:
         before = running.cpu()
         started = time.monotonic()
         driven = subprocess.run([*lan.exec(lan.dom0), sys.executable, __file__, "--storm", str(guests_dir),
-                                 json.dumps(sizes), "--guests", str(options.guests), "--timeout", str(options.timeout)],
+                                 json.dumps(sizes), "--guests", str(options.guests), "--timeout", str(options.timeout),
+                                 "--dom0s", str(options.dom0s), *(["--cached"] if transport == "cache" else [])],
                                 capture_output=True, text=True, timeout=options.timeout + 120, cwd=REPO)
         wall = time.monotonic() - started
         cpu = running.cpu() - before
     finally:
         running.stop()
         shutil.rmtree(guests_dir, ignore_errors=True)
-    results = [json.loads(line) for line in driven.stdout.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in driven.stdout.splitlines() if line.startswith("{")]
+    results = [line for line in lines if "index" in line]
+    client_cpu = sum(line.get("client_cpu", 0.0) for line in lines)
     if len(results) != options.guests:
         raise SystemExit(f"{name}: the storm driver failed: {driven.stderr[-2000:]}")
     failures = [f"g{r['index']}: {r['error']}" for r in results if "error" in r]
     totals = [r["steps"]["done"] for r in results if "error" not in r]
     steps = {step: statistics.median(r["steps"][step] for r in results if "error" not in r) if totals else float("nan")
              for step in ("pypxeboot", "dhcp", "preseed", "done")}
+    phases = {phase: statistics.median(r["phases"].get(phase, float("nan")) for r in results if "error" not in r)
+              if totals else float("nan") for phase in PHASES}
     wall = max(totals) if totals and not failures else wall
-    return Figures(name, wall, totals, failures, cpu, steps)
+    return Figures(name, wall, totals, failures, cpu, steps, phases, client_cpu)
 
 
 def fastest(runs: list[Figures]) -> Figures:
     """The fastest round, with the failures of every round (each must have none)."""
     best = min(runs, key=lambda f: (bool(f.failures), f.wall))
-    return Figures(best.stack, best.wall, best.totals, [x for f in runs for x in f.failures], best.cpu, best.steps)
+    return Figures(best.stack, best.wall, best.totals, [x for f in runs for x in f.failures], best.cpu, best.steps,
+                   best.phases, best.client_cpu)
 
 
 def report(figures: list[Figures], options: argparse.Namespace, sizes: dict[str, int],
            rounds: dict[str, list[Figures]]) -> None:
-    print(f"\nboot storm: {options.guests} guests at once, kernel {sizes[KERNEL] >> 20} MiB + initrd "
-          f"{sizes[INITRD] >> 20} MiB each, written to {options.output_dir} ({os.cpu_count()} CPUs, "
+    link = f"a {options.link_mbit} Mbit/s server link" if options.link_mbit else "an unshaped link"
+    print(f"\nboot storm: {options.guests} guests at once on {options.dom0s} dom0s over {link}, "
+          f"kernel {sizes[KERNEL] >> 20} MiB + initrd {sizes[INITRD] >> 20} MiB each, written to {options.output_dir} "
+          f"({os.cpu_count()} CPUs, "
           f"clients and servers on the same machine, load average at the start {options.load_before:.1f})")
     print(f"{'stack':<10} {'all done s':>10} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'failed':>6} "
-          f"{'server CPU s':>12}   median step ends (s): pypxeboot / dhcp / preseed / callback")
+          f"{'server CPU s':>12} {'guests CPU s':>12}")
     for f in figures:
         print(f"{f.stack:<10} {f.wall:10.2f} {percentile(f.totals, 0.5):7.2f} {percentile(f.totals, 0.95):7.2f} "
-              f"{max(f.totals, default=float('nan')):7.2f} {len(f.failures):6d} {f.cpu:12.2f}   "
-              + " / ".join(f"{f.steps[s]:.2f}" for s in ("pypxeboot", "dhcp", "preseed", "done")))
+              f"{max(f.totals, default=float('nan')):7.2f} {len(f.failures):6d} {f.cpu:12.2f} {f.client_cpu:12.2f}")
         for failure in f.failures[:5]:
             print(f"    {failure}")
+    print("median seconds per phase and guest: pypxeboot's " + ", ".join(PHASES[:4]) + "; the installer's "
+          + ", ".join(PHASES[4:]))
+    for f in figures:
+        print(f"{f.stack:<10} " + " ".join(f"{f.phases[phase]:7.2f}" for phase in PHASES))
     if options.rounds > 1:
         print(f"fastest of {options.rounds} rounds per stack; all rounds (s): " + "; ".join(
             f"{name} " + " ".join(f"{f.wall:.1f}" for f in runs) for name, runs in rounds.items()))
     by_name = {f.stack: f for f in figures}
     summary = []
     for ours, peer, target in (("ours-tftp", "peer-tftp", 1.0), ("ours-http", "peer-tftp", 0.8),
-                               ("ours-http", "peer-http", 0.8)):
+                               ("ours-http", "peer-http", 0.8), ("ours-cache", "peer-cache", 0.8)):
         if ours in by_name and peer in by_name:
             ratio = by_name[ours].wall / by_name[peer].wall
             summary.append(f"{ours}/{peer} {ratio:.2f} (target <= {target}: {'met' if ratio <= target else 'missed'})")
     failed = sum(len(f.failures) for f in figures)
-    print(f"summary: N={options.guests}, initrd {sizes[INITRD] >> 20} MiB: " + "; ".join(summary)
-          + f"; failures {failed}")
+    print(f"summary: N={options.guests} on {options.dom0s} dom0s, {link}, initrd {sizes[INITRD] >> 20} MiB: "
+          + "; ".join(summary) + f"; failures {failed}")
 
 
 def output_directory(peak_bytes: int) -> str:
@@ -433,6 +477,11 @@ def main() -> None:
     parser.add_argument("--guests", type=int, default=200, help="domUs booting at once (default 200)")
     parser.add_argument("--initrd-mb", type=int, default=40)
     parser.add_argument("--kernel-mb", type=int, default=8)
+    parser.add_argument("--dom0s", type=int, default=10, help="Xen hosts the guests are spread over (guest i on "
+                        "dom0 i %% H); the guests of one dom0 share its pypxeboot cache in the *-cache stacks")
+    parser.add_argument("--link-mbit", type=int, default=0, help="the boot server's line rate in Mbit/s "
+                        "(tc tbf on its side of the link; default 0: unshaped, as fast as the machine copies)")
+    parser.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stacks", default=",".join(STACKS), help="which of " + ", ".join(STACKS))
     parser.add_argument("--rounds", type=int, default=1, help="runs per stack, in turn; the fastest counts")
     parser.add_argument("--timeout", type=float, default=900, help="seconds the storm may take per stack")
@@ -441,13 +490,17 @@ def main() -> None:
     parser.add_argument("--storm", nargs=2, metavar=("DIR", "SIZES"), help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.storm:
-        storm(options.guests, json.loads(options.storm[1]), Path(options.storm[0]), options.timeout)
+        storm(options.guests, json.loads(options.storm[1]), Path(options.storm[0]), options.timeout, options.dom0s,
+              options.cached)
         return
     if os.geteuid() != 0:
         raise SystemExit("bootstorm needs root (network namespaces, DHCP, port 69 and 80)")
     stacks = [s for s in options.stacks.split(",") if s]
-    if not stacks or set(stacks) - set(STACKS) or not 1 <= options.guests <= 4000 or not 1 <= options.rounds <= 20:
-        raise SystemExit(f"--stacks takes {', '.join(STACKS)}; --guests 1..4000; --rounds 1..20")
+    if not stacks or set(stacks) - set(STACKS) or not 1 <= options.guests <= 4000 or not 1 <= options.rounds <= 20 \
+            or not 1 <= options.dom0s <= options.guests \
+            or not 0 <= options.link_mbit <= 100_000:
+        raise SystemExit(f"--stacks takes {', '.join(STACKS)}; --guests 1..4000; --rounds 1..20; "
+                         "--dom0s 1..guests; --link-mbit 0..100000")
     options.load_before = os.getloadavg()[0]
     if not options.output_dir:
         options.output_dir = output_directory(options.guests * (options.kernel_mb + options.initrd_mb) << 20)
@@ -457,7 +510,7 @@ def main() -> None:
     try:
         root = workdir / "tftproot"
         sizes = make_images(root, options.kernel_mb, options.initrd_mb)
-        lan = Lan(options.guests)
+        lan = Lan(options.guests, options.link_mbit)
         rounds: dict[str, list[Figures]] = {name: [] for name in stacks}
         for round_number in range(options.rounds):
             for name in stacks:

@@ -59,7 +59,8 @@ def _version(info: os.stat_result) -> Version:
 
 
 class _HashCache:
-    """SHA-256 per file version; a version is hashed by one caller while the others wait."""
+    """SHA-256 per file version. One thread hashes a version while others asking for it wait:
+    at the start of a boot storm every /boot/ request asks for the same initrd's digest at once."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -88,7 +89,14 @@ class _HashCache:
         return digest
 
 
+
 _cache = _HashCache()
+
+
+def served_sha256(published: Published) -> str:
+    """The SHA-256 of the file version behind an open published descriptor (what /boot/
+    announces), computed once per version."""
+    return _cache.sha256(published.fd, published.info)
 
 
 def file_status(tftp_root: Path, path: str, store: Store) -> dict[str, Any]:

@@ -298,7 +298,8 @@ def domu_config(ctx: click.Context, mac: str, output: str | None, **overrides: A
         context.provisioning.check_xen(xen)
         config = context.config
         pinned = config.advertised_address if config.dhcp.enabled and config.dhcp.mode == "full" else ""
-        text = domu.render(found, xen, bootloader=config.xen.bootloader, dhcp_server=pinned)
+        text = domu.render(found, xen, bootloader=config.xen.bootloader, dhcp_server=pinned,
+                           cache_dir=config.xen.pypxeboot_cache_dir)
         if output:
             Path(output).write_text(text)
             click.echo(f"wrote {output}")

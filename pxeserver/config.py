@@ -98,6 +98,9 @@ class HttpSection:
     max_connections_per_address: int = 32  # open connections from one client address
     # GET /dom0/pypxeboot: the file `pxeserver build-pypxeboot` writes, for a dom0 to fetch.
     serve_pypxeboot: bool = True
+    # /boot/ answers carry the file's SHA-256 (Repr-Digest, X-Checksum-SHA256), hashed once per
+    # file version: pypxeboot's dom0 cache (cache_dir=) uses it so a dom0 downloads each file once.
+    announce_digests: bool = True
 
 
 @dataclass
@@ -155,6 +158,9 @@ class XenSection:
     # xl runs a bare bootloader name only from its own directory (/usr/lib/xen-4.17/bin on
     # Debian): domu-config writes this absolute path, where `build-pypxeboot -o` puts it.
     bootloader: str = "/usr/local/bin/pypxeboot"
+    # domu-config adds cache_dir=<this> to bootloader_args: the guests of one dom0 then download
+    # each kernel and initrd once (pypxeboot/cache.py). Empty: no cache word.
+    pypxeboot_cache_dir: str = ""
 
 
 @dataclass
@@ -422,6 +428,9 @@ def validate(config: Config) -> None:
             _fail("xen", "disk_roots", f"must be absolute paths without '..', not {root!r}")
     if not re.fullmatch(r"/[A-Za-z0-9._+/-]+", config.xen.bootloader):
         _fail("xen", "bootloader", f"must be an absolute path of plain characters, not {config.xen.bootloader!r}")
+    if config.xen.pypxeboot_cache_dir and not re.fullmatch(r"/[A-Za-z0-9._+/-]+", config.xen.pypxeboot_cache_dir):
+        _fail("xen", "pypxeboot_cache_dir", "must be empty or an absolute path of plain characters, "
+                                            f"not {config.xen.pypxeboot_cache_dir!r}")
     for name in config.api.secret_vars:
         if not isinstance(name, str):
             _fail("api", "secret_vars", f"must be variable names, not {name!r}")

@@ -11,13 +11,14 @@ _NAME_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def render(host: Host, xen: XenSettings | None = None, *, bootloader: str = XenSection.bootloader,
-           dhcp_server: str = "") -> str:
+           dhcp_server: str = "", cache_dir: str = "") -> str:
     """An xl config: PV guest, pypxeboot as bootloader, one vif with the host's MAC.
 
     ``bootloader`` is an absolute path: xl looks for a bare name only in its own directory.
     ``bootloader_args`` is a list (xl deprecates the string form); pypxeboot finds the MAC
     there, the bridge to send its DHCP on (dom0's default route may lead elsewhere) and, when
-    pxeserver is the DHCP server, ``dhcp_server=`` so that a guest answering first is ignored.
+    pxeserver is the DHCP server, ``dhcp_server=`` so that a guest answering first is ignored;
+    ``cache_dir=`` when set (``[xen] pypxeboot_cache_dir``): the dom0's boot-file cache.
     on_reboot restarts the guest, so after the installer's final reboot the bootloader
     runs again and, with netboot now off, hands over to the installed system.
 
@@ -29,6 +30,7 @@ def render(host: Host, xen: XenSettings | None = None, *, bootloader: str = XenS
     bridge = xen.bridge
     disk_spec = xen.disk_or(f"/var/lib/xen/images/{name}.img").spec
     words = [f"mac={host.mac}", f"interface={bridge}"] + ([f"dhcp_server={dhcp_server}"] if dhcp_server else [])
+    words += [f"cache_dir={cache_dir}"] if cache_dir else []
     lines = [
         f"# {host.hostname}: boots through pypxeboot from pxeserver",
         f'name = "{name}"',

@@ -132,6 +132,18 @@ def test_domu_config_pins_pxeserver_s_dhcp_and_names_the_configured_bootloader(w
     assert values["bootloader_args"] == ["mac=00:16:3e:aa:bb:cc", "interface=xenbr0", "dhcp_server=10.0.0.1"]
 
 
+def test_domu_config_gives_pypxeboot_the_dom0_cache_when_configured(workdir: Path) -> None:
+    (workdir / "pxeserver.toml").write_text('[xen]\npypxeboot_cache_dir = "/var/cache/pypxeboot"\n')
+    run(workdir, "profile", "add", "deb", "--kernel", "k", "--initrd", "i")
+    run(workdir, "host", "add", "--mac", "00:16:3e:aa:bb:cc", "--hostname", "web1", "--profile", "deb")
+    values: dict[str, object] = {}
+    exec(run(workdir, "domu-config", "00:16:3e:aa:bb:cc").stdout, {}, values)
+    assert values["bootloader_args"] == ["mac=00:16:3e:aa:bb:cc", "interface=xenbr0", "cache_dir=/var/cache/pypxeboot"]
+    (workdir / "pxeserver.toml").write_text('[xen]\npypxeboot_cache_dir = "cache"\n')
+    result = run(workdir, "host", "list", ok=False)
+    assert result.returncode == 1 and "[xen] pypxeboot_cache_dir must be empty or an absolute path" in result.stderr
+
+
 @pytest.mark.parametrize("bootloader", ["pypxeboot", '/usr/bin/x"; y="', "/usr/bin/py pxe"])
 def test_a_bootloader_that_is_not_a_plain_absolute_path_is_refused(workdir: Path, bootloader: str) -> None:
     (workdir / "pxeserver.toml").write_text(f"[xen]\nbootloader = {json.dumps(bootloader)}\n")

@@ -148,8 +148,8 @@ def test_importing_pypxeboot_loads_only_its_low_level_modules() -> None:
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.split() == [
         "pxeserver", "pxeserver.bootspec", "pxeserver.dhcp", "pxeserver.dhcp.codec", "pxeserver.mac",
-        "pxeserver.pxelinux", "pxeserver.pypxeboot", "pxeserver.pypxeboot.dhcp", "pxeserver.pypxeboot.http",
-        "pxeserver.pypxeboot.tftp"]
+        "pxeserver.pxelinux", "pxeserver.pypxeboot", "pxeserver.pypxeboot.cache", "pxeserver.pypxeboot.dhcp",
+        "pxeserver.pypxeboot.http", "pxeserver.pypxeboot.tftp"]
 
 
 BARE_PYTHON = "/usr/bin/python3"  # the system's own: no venv, nothing of pxeserver's stack

@@ -27,6 +27,10 @@ only from this server), ``tftp_port=N`` (tests), ``pygrub=PATH``, and the bounds
 ``max_file_mb=`` (256), ``max_total_mb=`` (384, kernel and ramdisk together),
 ``min_rate_kbs=`` (16 KiB/s, averaged over each ``rate_window=`` of 30 s) and ``deadline=``
 (600 s for the whole boot). The defaults fit a 150 MB installer initrd at 400 KB/s.
+``cache_dir=DIR`` (default: none) keeps ``http://`` kernels and initrds in dom0 under the
+SHA-256 the server announces, so the guests of one dom0 download each file once
+(``cache.py``), ``cache_mb=`` (1024) caps it. The success line says how long DHCP, the
+config, the kernel and the initrd took.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from typing import BinaryIO, NoReturn
 from pxeserver import pxelinux
 from pxeserver.mac import InvalidMac, MacAddress
 from pxeserver.pypxeboot import http
+from pxeserver.pypxeboot.cache import Cache, CacheUnusable
 from pxeserver.pypxeboot.dhcp import DhcpFailed, Lease, obtain_lease
 from pxeserver.pypxeboot.tftp import Bounds, ServerRefused, TransferFailed, download
 
@@ -64,6 +69,7 @@ NUMBER_WORDS = {
     "min_rate_kbs": (1, 1_000_000, 16),
     "rate_window": (1, 600, 30),
     "deadline": (1, 86400, 600),
+    "cache_mb": (1, 1_000_000, 1024),
 }
 _PLAIN_PATH = re.compile(r"[!-~]{1,255}")  # printable ASCII, no blanks: a TFTP path as configs write them
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -88,6 +94,8 @@ class Request:
     min_rate_kbs: int
     rate_window: int
     deadline: int
+    cache_mb: int
+    cache_dir: str = ""  # empty: no cache
 
 
 def parse_words(words: list[str]) -> Request:
@@ -116,6 +124,11 @@ def parse_words(words: list[str]) -> Request:
                 ipaddress.IPv4Address(values[key])
             except ValueError:
                 raise BootFailed(f"{key}={values[key]!r} is not an IPv4 address") from None
+    cache_dir = values.get("cache_dir", "")
+    if cache_dir in ("off", "none"):
+        cache_dir = ""
+    if cache_dir and (not cache_dir.startswith("/") or control_character(cache_dir)):
+        raise BootFailed(f"cache_dir={cache_dir!r} is not an absolute path (or 'off')")
     numbers = {}
     for key, (lowest, highest, default) in NUMBER_WORDS.items():
         value = values.get(key, str(default))
@@ -123,7 +136,7 @@ def parse_words(words: list[str]) -> Request:
             raise BootFailed(f"{key}={value!r} is not a whole number from {lowest} to {highest}")
         numbers[key] = int(value)
     return Request(mac, values.get("server", ""), values.get("dhcp_server", ""), values.get("interface", ""),
-                   values.get("pygrub", ""), disk, **numbers)
+                   values.get("pygrub", ""), disk, **numbers, cache_dir=cache_dir)
 
 
 def config_names(mac: MacAddress, lease_ip: str | None) -> list[str]:
@@ -185,9 +198,11 @@ class Fetcher:
     """Downloads from one server: TFTP relative to the boot file's directory (pxelinux's
     prefix), or HTTP for a kernel or initrd named by a URL on that same server."""
 
-    def __init__(self, server: str, port: int, prefix: str, bounds: Bounds, request: Request) -> None:
+    def __init__(self, server: str, port: int, prefix: str, bounds: Bounds, request: Request,
+                 cache: Cache | None) -> None:
         self.server, self.port, self.prefix = server, port, prefix
-        self.bounds, self.request = bounds, request
+        self.bounds, self.request, self.cache = bounds, request, cache
+        self.cache_hits = 0
 
     def path(self, name: str) -> str:
         return name if name.startswith("/") else self.prefix + name
@@ -216,11 +231,61 @@ class Fetcher:
         target, file = outputs.create(kind)
         with file:
             if http.is_url(name):
-                size = http.download(name, self.server, file, limit, too_big, self.bounds)
+                size = self._http(name, file, limit, too_big)
             else:
                 size = download(self.server, self.port, self.path(name), file, limit, too_big, self.bounds)
             self.bounds.written += size
         return target
+
+
+    def _http(self, url: str, file: BinaryIO, limit: int, too_big: str) -> int:
+        """An HTTP download, through the dom0 cache when one is set (cache.py). The cache
+        failing (a full disk, say) costs the boot only the cache: a warning, then a download."""
+        if self.cache is not None:
+            try:
+                return self._through_cache(self.cache, url, file, limit, too_big)
+            except OSError as exc:
+                print(f"pypxeboot: warning: cache_dir={self.cache.path}: {one_line(str(exc))}: "
+                      "booting without the cache", file=sys.stderr)
+                self.cache.close()
+                self.cache = None
+                file.seek(0)
+                file.truncate()
+        return http.download(url, self.server, file, limit, too_big, self.bounds)
+
+    def _through_cache(self, cache: Cache, url: str, file: BinaryIO, limit: int, too_big: str) -> int:
+        """Copied from the cache when it holds the digest the server announces, else downloaded
+        into it by one pypxeboot while the others booting the same file wait, then copied."""
+        try:
+            announced = http.head(url, self.server, self.bounds)
+        except ServerRefused:  # a server that answers no HEAD: as without a cache
+            announced = http.Announced(None, None)
+        sha256, length = announced.sha256, announced.length
+        if sha256 is None or length is None or length > min(limit, cache.max_bytes):
+            return http.download(url, self.server, file, limit, too_big, self.bounds)
+        with cache.locked(sha256, self.bounds):
+            copied = cache.copy_to(sha256, file, limit, too_big)
+            if copied is None:
+                with cache.new_entry(sha256) as entry:
+                    http.download(url, self.server, entry, limit, too_big, self.bounds, expect_sha256=sha256)
+                copied = cache.copy_to(sha256, file, limit, too_big)
+            else:
+                self.cache_hits += 1
+        if copied is None:
+            raise CacheUnusable(f"{sha256} vanished as it was kept")
+        return copied
+
+
+def open_cache(request: Request) -> Cache | None:
+    """The dom0 cache named by cache_dir=, or None (not set, or not usable: then a warning
+    line, and the boot downloads without it)."""
+    if not request.cache_dir:
+        return None
+    try:
+        return Cache(request.cache_dir, request.cache_mb << 20)
+    except CacheUnusable as exc:
+        print(f"pypxeboot: warning: {one_line(str(exc))}: booting without the cache", file=sys.stderr)
+        return None
 
 
 def check_entry(entry: pxelinux.Entry, config: str) -> None:
@@ -281,14 +346,21 @@ def hand_to_pygrub(request: Request, options: argparse.Namespace) -> None:
     os.execv(argv[0], argv)
 
 
-def boot(request: Request, options: argparse.Namespace, outputs: Outputs, bounds: Bounds) -> bytes:
+def boot(request: Request, options: argparse.Namespace, outputs: Outputs, bounds: Bounds,
+         started: float) -> bytes:
     """Everything up to the result xl reads; returns it (or execs pygrub for localboot)."""
+    phases: list[tuple[str, float]] = []  # (phase, when it ended): the success line shows them
+
+    def ended(phase: str) -> None:
+        phases.append((phase, time.monotonic()))
+
     if request.server:
         lease = Lease(ip="", next_server=request.server, boot_file="")
     else:
         lease = obtain_lease(request.mac, request.interface, request.dhcp_server, bounds.deadline)
+    ended("DHCP")
     prefix = lease.boot_file.rpartition("/")[0] + "/" if "/" in lease.boot_file else ""
-    fetcher = Fetcher(lease.next_server, request.tftp_port, prefix, bounds, request)
+    fetcher = Fetcher(lease.next_server, request.tftp_port, prefix, bounds, request, None)
     for name in config_names(request.mac, lease.ip or None):
         try:
             text = fetcher.text(f"pxelinux.cfg/{name}")
@@ -309,8 +381,19 @@ def boot(request: Request, options: argparse.Namespace, outputs: Outputs, bounds
     if entry.localboot:
         print(said, file=sys.stderr)
         hand_to_pygrub(request, options)
-    kernel = fetcher.to_file(entry.kernel, outputs, "kernel")
-    ramdisk = fetcher.to_file(entry.initrd, outputs, "ramdisk") if entry.initrd else ""
+    ended("config")
+    fetcher.cache = open_cache(request)
+    try:
+        kernel = fetcher.to_file(entry.kernel, outputs, "kernel")
+        ended("kernel")
+        ramdisk = fetcher.to_file(entry.initrd, outputs, "ramdisk") if entry.initrd else ""
+        ended("initrd")
+    finally:
+        if fetcher.cache is not None:
+            fetcher.cache.close()
+    times = ", ".join(f"{phase} {end - start:.2f} s" for (phase, end), start
+                      in zip(phases, [started] + [end for _, end in phases[:-1]], strict=True))
+    said += f" ({times}" + (f"; {fetcher.cache_hits} from the dom0 cache)" if fetcher.cache else ")")
     args = " ".join(filter(None, [entry.append, options.args or ""]))
     result = format_result(options.output_format or ("simple0" if options.output else "sxp"),
                            outputs.checked(kernel), ramdisk and outputs.checked(ramdisk), args)
@@ -365,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
         bounds = Bounds(max_file=request.max_file_mb << 20, max_total=request.max_total_mb << 20,
                         min_rate=request.min_rate_kbs << 10, rate_window=request.rate_window,
                         deadline=started + request.deadline)
-        result = boot(request, options, outputs, bounds)
+        result = boot(request, options, outputs, bounds, started)
         if options.output:
             write_result(options.output, result)
         else:

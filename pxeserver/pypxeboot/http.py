@@ -15,21 +15,32 @@ transfer before any body is read, and a body that passes the cap (chunked, or lo
 said) stops there. Silence, a drip under the speed floor and the boot's deadline end it too:
 each read waits at most until the end of the current rate window, and the headers must come
 within one window.
+
+For the dom0 cache (cache.py) a HEAD first asks the file's announced SHA-256 (``Repr-Digest``
+or ``X-Checksum-SHA256``, under the same checks); a GET then made to fill the cache must
+announce the same digest, and its body must hash to it, or nothing is kept and the boot fails.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.client
 import re
 import socket
 import threading
 import time
-from typing import BinaryIO
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO
 
 from pxeserver.pypxeboot.tftp import BoundExceeded, Bounds, NoAnswer, ServerRefused, TransferFailed
 
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
+
 CHUNK = 256 * 1024  # bytes per read: at most one socket read each (read1)
 _DIGITS = re.compile(r"[0-9]{1,30}")  # ASCII only: str.isdigit() takes "²", which int() refuses
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _URL = re.compile(r"http://([0-9.]{7,15})(?::([0-9]{1,5}))?(/[!-~]*)")
 
 
@@ -50,9 +61,80 @@ def split_url(url: str, server: str) -> tuple[int, str]:
     return port, path
 
 
-def download(url: str, server: str, output: BinaryIO, limit: int, too_big: str, bounds: Bounds) -> int:
+@dataclass(frozen=True)
+class Announced:
+    """What a HEAD said about a file: its SHA-256 (hex) and size, each None when not said."""
+
+    sha256: str | None
+    length: int | None
+
+
+def head(url: str, server: str, bounds: Bounds) -> Announced:
+    """HEAD ``url`` on ``server``: the digest and length the server announces for it."""
+    connection, response, _ = _request("HEAD", url, server, bounds)
+    try:
+        announced = response.getheader("Content-Length", "").strip()
+        return Announced(announced_sha256(response), int(announced) if _DIGITS.fullmatch(announced) else None)
+    finally:
+        response.close()
+        connection.close()
+
+
+def download(url: str, server: str, output: BinaryIO, limit: int, too_big: str, bounds: Bounds,
+             expect_sha256: str | None = None) -> int:
     """Fetch ``url`` from ``server`` into ``output``; returns its size. Raises TransferFailed
-    (a subclass) with a one-line message; past ``limit`` bytes, the message is ``too_big``."""
+    (a subclass) with a one-line message; past ``limit`` bytes, the message is ``too_big``.
+    With ``expect_sha256``, the response must announce that digest and the body must have it."""
+    connection, response, sock = _request("GET", url, server, bounds)
+    try:
+        announced = response.getheader("Content-Length", "").strip()
+        if _DIGITS.fullmatch(announced) and int(announced) > limit:
+            raise BoundExceeded(too_big)
+        digest = None
+        if expect_sha256 is not None:
+            said = announced_sha256(response)
+            if said != expect_sha256:
+                raise TransferFailed(f"{url}: the GET announced sha-256 {said}, not the {expect_sha256} "
+                                     "its HEAD announced: not kept; boot again")
+            digest = hashlib.sha256()
+        size = _body(sock, response, url, output, limit, too_big, bounds, digest)
+        if digest is not None and digest.hexdigest() != expect_sha256:
+            raise TransferFailed(f"{url}: the body's SHA-256 is {digest.hexdigest()}, not the {expect_sha256} "
+                                 "the server announced: not kept, refused")
+        return size
+    finally:
+        response.close()
+        connection.close()
+
+
+def announced_sha256(response: http.client.HTTPResponse) -> str | None:
+    """The SHA-256 (hex) a response announces in Repr-Digest (RFC 9530) or X-Checksum-SHA256;
+    None when it announces none, a malformed one, or two that disagree."""
+    found = set()
+    for field in response.getheader("Repr-Digest", "").split(","):
+        key, _, value = field.strip().partition("=")
+        if key.strip().lower() == "sha-256":
+            try:
+                raw = base64.b64decode(value.strip().strip(":"), validate=True)
+            except ValueError:
+                return None
+            if len(raw) != 32:
+                return None
+            found.add(raw.hex())
+    checksum = response.getheader("X-Checksum-SHA256", "").strip().lower()
+    if checksum:
+        if not _SHA256_HEX.fullmatch(checksum):
+            return None
+        found.add(checksum)
+    return found.pop() if len(found) == 1 else None
+
+
+Exchange = tuple[http.client.HTTPConnection, http.client.HTTPResponse, socket.socket]
+
+
+def _request(method: str, url: str, server: str, bounds: Bounds) -> Exchange:
+    """Send ``method`` for ``url`` and read the answer's headers (within one window); a
+    response that is not 200 is refused (redirects are not followed)."""
     port, path = split_url(url, server)
     now = time.monotonic()
     if now >= bounds.deadline:
@@ -61,7 +143,7 @@ def download(url: str, server: str, output: BinaryIO, limit: int, too_big: str, 
     response = None
     try:
         try:
-            connection.request("GET", path, headers={"User-Agent": "pypxeboot", "Accept-Encoding": "identity"})
+            connection.request(method, path, headers={"User-Agent": "pypxeboot", "Accept-Encoding": "identity"})
             sock = connection.sock  # kept: http.client hands it to the response and forgets it
             assert sock is not None
             response = _headers(connection, sock, bounds)
@@ -73,14 +155,12 @@ def download(url: str, server: str, output: BinaryIO, limit: int, too_big: str, 
             where = response.getheader("Location", "")
             redirect = f" (to {where[:100]}: redirects are not followed)" if 300 <= response.status < 400 else ""
             raise ServerRefused(f"{url}: the server answered {response.status} {response.reason}"[:200] + redirect)
-        announced = response.getheader("Content-Length", "").strip()
-        if _DIGITS.fullmatch(announced) and int(announced) > limit:
-            raise BoundExceeded(too_big)
-        return _body(sock, response, url, output, limit, too_big, bounds)
-    finally:
+        return connection, response, sock
+    except BaseException:
         if response is not None:
             response.close()
         connection.close()
+        raise
 
 
 def _headers(connection: http.client.HTTPConnection, sock: socket.socket, bounds: Bounds) -> http.client.HTTPResponse:
@@ -116,7 +196,7 @@ def _shut(sock: socket.socket, fired: threading.Event) -> None:
 
 
 def _body(sock: socket.socket, response: http.client.HTTPResponse, url: str,
-          output: BinaryIO, limit: int, too_big: str, bounds: Bounds) -> int:
+          output: BinaryIO, limit: int, too_big: str, bounds: Bounds, digest: Hash | None) -> int:
     received, window_start, window_bytes = 0, time.monotonic(), 0
     while True:
         now = time.monotonic()
@@ -145,6 +225,8 @@ def _body(sock: socket.socket, response: http.client.HTTPResponse, url: str,
         if received > limit:
             raise BoundExceeded(too_big)
         output.write(data)
+        if digest is not None:
+            digest.update(data)
 
 
 def _cut_short(url: str, received: int) -> TransferFailed:

@@ -2,13 +2,15 @@
 
 A Flask blueprint; the answers come from the boot policy (what does this MAC boot, which
 profile, which template), never from the registry directly. ``/boot/`` serves the descriptor
-that the publishing check opened, through Flask's ``send_file`` (HEAD, ETag, Last-Modified)
+that the publishing check opened, with its SHA-256 announced (``Repr-Digest``), through
+Flask's ``send_file`` (HEAD, ETag, Last-Modified)
 and werkzeug's Range handling, so that the WSGI server's ``wsgi.file_wrapper`` (and with it
 ``os.sendfile``) carries the body.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import zlib
@@ -18,6 +20,7 @@ from flask import Blueprint, Response, abort, current_app, request, send_file
 from flask.blueprints import BlueprintSetupState
 from jinja2 import TemplateError
 
+from pxeserver import bootfiles
 from pxeserver.app import Context
 from pxeserver.autoinstall import AutoinstallRenderer
 from pxeserver.bootfiles import BootFileRefused
@@ -153,12 +156,22 @@ def boot_file(subpath: str) -> Response:
         response = _text(f"{exc}; refused\n", 503)
         response.headers["Retry-After"] = "60"
         return response
+    announced = bootfiles.served_sha256(published) if context.config.http.announce_digests else None
     response = _send_published(published)
+    if announced is not None and response.status_code in (200, 206):
+        announce_digest(response, announced)
     if request.method == "GET" and response.status_code == 200:
         host = context.policy.host_by_ip(request.remote_addr or "")
         if host is not None:
             context.policy.record(host.mac, "http", f"downloaded /boot/{subpath}")
     return response
+
+
+def announce_digest(response: Response, sha256_hex: str) -> None:
+    """The whole file's SHA-256 (RFC 9530's Repr-Digest, and the older X-Checksum-SHA256):
+    pypxeboot's dom0 cache keys on it and checks every body it keeps against it."""
+    response.headers["Repr-Digest"] = f"sha-256=:{base64.b64encode(bytes.fromhex(sha256_hex)).decode()}:"
+    response.headers["X-Checksum-SHA256"] = sha256_hex
 
 
 def _send_published(published: Published) -> Response:
