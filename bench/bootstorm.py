@@ -25,7 +25,10 @@ with every pypxeboot given ``cache_dir=`` its dom0's cache. The guests are sprea
 but each dom0 has its own cache directory, empty at the start of each run). pxeserver
 announces each boot file's SHA-256, so one guest per dom0 downloads it and the others copy it;
 nginx announces none, so the same pypxeboot downloads every file as without the cache (after
-one HEAD each). Both ratios, with and without the cache, are printed. ``--link-mbit`` shapes
+one HEAD each). Both ratios, with and without the cache, are printed. The servers of both
+stacks run on ``--server-cpus`` (default CPU 0) and the guests on the other CPUs: a boot
+server is its own machine, and sharing cores with 200 guest processes would measure how a
+server's threads fare in the scheduler among them rather than how fast it serves. ``--link-mbit`` shapes
 what the server sends to a line rate with tbf, one FIFO queue (a real boot server's NIC, though
 Linux would put fq_codel under it, which this kernel lacks; unshaped, the veth pair is as
 fast as this machine copies memory, and the storm measures CPU instead).
@@ -96,8 +99,9 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 class Lan:
     """The server namespace and dom0 (with br0 and every guest's address), deleted on exit."""
 
-    def __init__(self, guests: int, link_mbit: int) -> None:
+    def __init__(self, guests: int, link_mbit: int, server_cpus: str) -> None:
         self.server, self.dom0 = f"bs{os.getpid()}-srv", f"bs{os.getpid()}-dom0"
+        self.cpus = split_cpus(server_cpus)
         try:
             self._build(guests)
             if link_mbit:  # the boot server's NIC: what it sends is shaped to its line rate
@@ -128,7 +132,21 @@ class Lan:
             sh("ip", "netns", "del", namespace, check=False)
 
     def exec(self, namespace: str) -> list[str]:
-        return ["ip", "netns", "exec", namespace]
+        """Run in ``namespace``, on that side's CPUs (the server's, or the guests')."""
+        cpus = self.cpus.get(namespace == self.server)
+        return ["ip", "netns", "exec", namespace, *(["taskset", "-c", cpus] if cpus else [])]
+
+
+def split_cpus(server_cpus: str) -> dict[bool, str]:
+    """{True: the servers' CPU list, False: the guests' (every other CPU)}; empty: shared."""
+    if not server_cpus:
+        return {}
+    chosen = {int(cpu) for cpu in server_cpus.split(",")}
+    others = sorted(os.sched_getaffinity(0) - chosen)
+    if not others or not chosen <= os.sched_getaffinity(0):
+        raise SystemExit(f"--server-cpus {server_cpus}: must name some, not all, of the CPUs "
+                         f"{sorted(os.sched_getaffinity(0))}")
+    return {True: server_cpus, False: ",".join(map(str, others))}
 
 
 # -- the files both stacks serve ---------------------------------------------------------------
@@ -436,7 +454,9 @@ def report(figures: list[Figures], options: argparse.Namespace, sizes: dict[str,
     print(f"\nboot storm: {options.guests} guests at once on {options.dom0s} dom0s over {link}, "
           f"kernel {sizes[KERNEL] >> 20} MiB + initrd {sizes[INITRD] >> 20} MiB each, written to {options.output_dir} "
           f"({os.cpu_count()} CPUs, "
-          f"clients and servers on the same machine, load average at the start {options.load_before:.1f})")
+          + (f"servers on CPUs {options.server_cpus}, guests on the others, " if options.server_cpus
+             else "clients and servers sharing every CPU, ")
+          + f"load average at the start {options.load_before:.1f})")
     print(f"{'stack':<10} {'all done s':>10} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'failed':>6} "
           f"{'server CPU s':>12} {'guests CPU s':>12}")
     for f in figures:
@@ -481,6 +501,10 @@ def main() -> None:
                         "dom0 i %% H); the guests of one dom0 share its pypxeboot cache in the *-cache stacks")
     parser.add_argument("--link-mbit", type=int, default=0, help="the boot server's line rate in Mbit/s "
                         "(tc tbf on its side of the link; default 0: unshaped, as fast as the machine copies)")
+    parser.add_argument("--server-cpus", default="0" if len(os.sched_getaffinity(0)) >= 2 else "",
+                        help="CPUs the servers run on (both stacks), the guests get the others: a boot server is "
+                        "its own machine, not one more process among 200 guests (default: 0 when there are two "
+                        "or more CPUs; empty: shared)")
     parser.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stacks", default=",".join(STACKS), help="which of " + ", ".join(STACKS))
     parser.add_argument("--rounds", type=int, default=1, help="runs per stack, in turn; the fastest counts")
@@ -510,7 +534,7 @@ def main() -> None:
     try:
         root = workdir / "tftproot"
         sizes = make_images(root, options.kernel_mb, options.initrd_mb)
-        lan = Lan(options.guests, options.link_mbit)
+        lan = Lan(options.guests, options.link_mbit, options.server_cpus)
         rounds: dict[str, list[Figures]] = {name: [] for name in stacks}
         for round_number in range(options.rounds):
             for name in stacks:

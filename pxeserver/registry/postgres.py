@@ -11,6 +11,10 @@ an answer is reused exactly until something changes anywhere. The cache is also 
 known state: while the database is unreachable, reads it holds are answered from it (TFTP,
 HTTP, DHCP and DNS keep serving existing hosts), everything else raises :class:`Unavailable`,
 and the node catches up by itself when the database returns.
+
+DHCP leases and timeline events commit with ``synchronous_commit = off``, as the SQLite store
+commits them without waiting for the disk: visible to every node at once, and lost only if the
+database server itself crashes within a fraction of a second of the commit.
 """
 
 from __future__ import annotations
@@ -259,11 +263,14 @@ class PostgresStore:
             raise Unavailable(f"the registry database is unreachable: {_reason(exc)}") from None
 
     @contextmanager
-    def _write(self) -> Iterator[tuple[psycopg.Connection[dict[str, Any]], list[Change]]]:
+    def _write(self, durable: bool = True) -> Iterator[tuple[psycopg.Connection[dict[str, Any]], list[Change]]]:
         """One transaction; the changes the body lists bump the generation and are announced to
-        every node on commit. A body that lists none changed nothing and announces nothing."""
+        every node on commit. A body that lists none changed nothing and announces nothing.
+        Not ``durable``: the commit does not wait for the database's disk."""
         changes: list[Change] = []
         with self._connection() as conn, conn.transaction():
+            if not durable:
+                conn.execute("SET LOCAL synchronous_commit = off")
             yield conn, changes
             if changes:
                 row = conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation' "
@@ -589,6 +596,7 @@ class PostgresStore:
         columns = ([str(e.mac) for e in batch], [e.time for e in batch],
                    [e.source for e in batch], [e.message for e in batch])
         with self._connection() as conn, conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = off")
             conn.execute(
                 "INSERT INTO events (mac, time, source, message) "
                 "SELECT e.mac, e.time, e.source, e.message "
@@ -659,7 +667,7 @@ class PostgresStore:
 
     def put_lease(self, lease: Lease, expired_before: float | None = None) -> None:
         try:
-            with self._write() as (conn, changes):
+            with self._write(durable=False) as (conn, changes):
                 if expired_before is not None:
                     conn.execute("DELETE FROM leases WHERE ip = %s AND mac <> %s AND expires < %s",
                                  (lease.ip, str(lease.mac), expired_before))

@@ -3,6 +3,12 @@
 WAL mode lets the server's threads read while one writes and lets the CLI work beside a running
 server; ``synchronous=FULL`` makes each acknowledged write survive a crash or power loss. Each
 thread gets its own connection; every write is one ``BEGIN IMMEDIATE`` transaction.
+
+DHCP leases and timeline events are the exception: they are committed with
+``synchronous=NORMAL``, which in WAL mode survives a crash of pxeserver (kill -9 included) but
+not a power loss, as dnsmasq's lease file does. A boot storm makes several of them per guest,
+and waiting for the disk on each one, one after another under the single write lock, was most
+of a storm's time. The next FULL commit (any host, profile or status change) makes them durable too.
 """
 
 from __future__ import annotations
@@ -159,16 +165,29 @@ class SqliteStore:
         return conn
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction; not ``durable``: its commit does not wait for the disk."""
         conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
+        if not durable:
+            conn.execute("PRAGMA synchronous=NORMAL")
         try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            if not durable:
+                conn.execute("PRAGMA synchronous=FULL")
+
+    @contextmanager
+    def _write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """A transaction that moves the generation on (readers' caches and the DNS serial)."""
+        with self._transaction(durable) as conn:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
-        conn.execute("COMMIT")
+            conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
 
     def _migrate(self) -> None:
         conn = self._connection()
@@ -370,9 +389,7 @@ class SqliteStore:
         rows = [(str(e.mac), e.time, e.source, e.message, str(e.mac)) for e in events]
         if not rows:
             return
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction(durable=False) as conn:
             conn.executemany(
                 "INSERT INTO events (mac, time, source, message) SELECT ?, ?, ?, ? "
                 "WHERE EXISTS (SELECT 1 FROM hosts WHERE mac = ?)", rows
@@ -382,10 +399,6 @@ class SqliteStore:
                     "DELETE FROM events WHERE mac = ? AND id <= (SELECT id FROM events "
                     "WHERE mac = ? ORDER BY id DESC LIMIT 1 OFFSET ?)", (mac, mac, keep)
                 )
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
 
     def events(self, mac: MacAddress, limit: int = 1000) -> list[Event]:
         rows = self._connection().execute(
@@ -442,7 +455,7 @@ class SqliteStore:
 
     def put_lease(self, lease: Lease, expired_before: float | None = None) -> None:
         try:
-            with self._write() as conn:
+            with self._write(durable=False) as conn:
                 if expired_before is not None:
                     conn.execute("DELETE FROM leases WHERE ip = ? AND mac != ? AND expires < ?",
                                  (lease.ip, str(lease.mac), expired_before))
