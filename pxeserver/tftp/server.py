@@ -146,10 +146,14 @@ class TftpService:
             for fd, _ in events:
                 session = sessions.get(fd)
                 try:
-                    if session is not None:  # the hot path, inlined: one ACK in, DATA out
-                        session.on_packet(read(fd, ANSWER_SIZE), now)
-                        if session.done:
-                            self._end(session)
+                    if session is not None:  # the hot path: one ACK in, DATA out
+                        packet = read(fd, ANSWER_SIZE)
+                        if packet == session.awaited:  # lockstep's next block (session.py)
+                            session.step(now)
+                        else:
+                            session.on_packet(packet, now)
+                            if session.done:
+                                self._end(session)
                     elif fd == listener:
                         self._drain_listener()
                     elif (session := strangers.get(fd)) is not None:

@@ -17,6 +17,15 @@ ACKs with ``os.read``: the same datagram syscalls as ``send``/``recv``, without 
 methods' tuple argument parsing and timeout bookkeeping, which is a measurable share of the
 CPU per block when all else is a list lookup (see cache.py).
 
+Lockstep transfers from the packet cache (nearly all of them: PXE ROMs, pxelinux, tftpy)
+have a fast path, :meth:`Session.step`: while a block that is not the last is in flight,
+``awaited`` holds the exact bytes of its ACK, so the event loop recognises the common packet
+with one bytes comparison (no unpacking, no block arithmetic) and the step sends the next
+cached packet without further calls. Anything else (a duplicate or stale ACK, an ERROR, the
+last block's ACK, a window, a packet not cached) takes :meth:`Session.on_packet`. Under
+300 concurrent transfers this took the server's Python time per block from about 3.5 to
+under 2 microseconds (bench/tftp.py case (b)).
+
 The transfer's port has two sockets (both SO_REUSEADDR): one connected to the client, which
 the kernel gives every packet from the client's address and port, and one unconnected, which
 gets only packets from anyone else (a connected socket matches more specifically). The
@@ -31,11 +40,16 @@ import socket
 import time
 from dataclasses import dataclass
 
+from pxeserver.tftp.cache import Packets
 from pxeserver.tftp.files import Source
 from pxeserver.tftp.packets import ACK, ERROR, HEADER, ErrorCode, Negotiated, encode_error, encode_oack
 
+# Every ACK packet, by wire block number: what ``Session.awaited`` is compared with (2.6 MB,
+# made once, instead of packing a new 4-byte object per block sent).
+ACK_PACKETS = tuple(HEADER.pack(ACK, block) for block in range(1 << 16))
 
-@dataclass
+
+@dataclass(slots=True)
 class Stats:
     """What one transfer cost; logged when it ends, so slow or lossy clients stand out."""
 
@@ -48,6 +62,10 @@ class Stats:
 
 
 class Session:
+    __slots__ = ("sock", "fd", "strangers", "peer", "source", "blksize", "windowsize", "patience", "timeout",
+                 "max_retries", "oack", "packet", "built", "total_blocks", "acked", "sent", "awaited", "retries",
+                 "deadline", "progressed", "done", "completed", "stats")
+
     def __init__(self, sock: socket.socket, strangers: socket.socket, peer: tuple[str, int],
                  source: Source, options: Negotiated, timeout: float, retries: int, patience: float) -> None:
         self.sock = sock  # connected to the client
@@ -63,9 +81,12 @@ class Session:
         self.oack = encode_oack(options.oack) if options.oack else b""
         packets = source.packets(self.blksize, self.windowsize)
         self.packet = packets.get  # the DATA packet of an absolute block number
+        # Cached packets, for the lockstep fast path; None: no fast path (windows, uncached files)
+        self.built = packets.built if isinstance(packets, Packets) and self.windowsize == 1 else None
         self.total_blocks = packets.count  # the last block is short, maybe empty
         self.acked = 0  # highest block the client confirmed (absolute)
         self.sent = 0  # highest block sent so far (absolute)
+        self.awaited: bytes | None = None  # the ACK that moves the fast path on (see step)
         self.retries = 0
         self.deadline = 0.0
         self.progressed = 0.0  # when the client last acknowledged something new (or asked)
@@ -123,6 +144,22 @@ class Session:
             self._send(encode_error(ErrorCode.ILLEGAL_OPERATION, "expected an ACK"))
             self._finish(now)
 
+    def step(self, now: float) -> None:
+        """The client acknowledged the lockstep block in flight (the packet was ``awaited``),
+        and it was not the last: what :meth:`on_packet` does then, without its general checks."""
+        block = self.sent + 1
+        self.acked = self.sent
+        self.sent = block
+        self.retries = 0
+        self.progressed = now
+        self.deadline = now + self.timeout
+        self.stats.packets_sent += 1
+        self.awaited = ACK_PACKETS[block & 0xFFFF] if block < self.total_blocks else None
+        try:
+            os.write(self.fd, self.built[block] or self.packet(block))  # type: ignore[index]
+        except OSError:
+            pass  # UDP: the deadline resends it
+
     def on_timeout(self, now: float) -> None:
         """Resend what is unacknowledged, or give up: after the retries, or once the client
         has been silent for ``patience`` seconds, however many retries that leaves unused."""
@@ -159,6 +196,8 @@ class Session:
         if last > self.sent:
             self.sent = last
         self.deadline = now + self.timeout
+        if self.built is not None:  # lockstep from the cache: its next ACK takes the fast path
+            self.awaited = ACK_PACKETS[last & 0xFFFF] if last < self.total_blocks else None
 
     def _send(self, packet: bytes) -> None:
         try:
