@@ -48,7 +48,7 @@ from pxeserver.tftp.packets import (
     opcode_of,
     parse_request,
 )
-from pxeserver.tftp.session import Session
+from pxeserver.tftp.session import ACK_PACKETS, Session
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,9 @@ DRAIN_LIMIT = 64  # requests read from the listening socket per wakeup
 MAX_EVENTS = 1024  # readiness events handled per wakeup
 TICK = 0.05  # seconds between deadline scans: the resolution of retransmit timers
 RECEIVE_SIZE = 1024  # requests, ACKs and ERRORs are small; larger datagrams are truncated
-ANSWER_SIZE = 64  # what a transfer reads from its client: an ACK, or an ERROR cut short
+# What a transfer reads of its client's packets: opcode and block number, all it looks at (a
+# longer ACK or an ERROR is cut short; no buffer is allocated larger and then shrunk).
+ANSWER_SIZE = 4
 LISTENER_BUFFER = 4 << 20  # a burst of a thousand RRQs must not overflow the default buffer
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux's value; Python names it from 3.12
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux's value; Python 3.11's socket module lacks it
@@ -138,7 +140,7 @@ class TftpService:
     def _run(self) -> None:
         assert self._epoll is not None and self._listener is not None
         poll, listener = self._epoll.poll, self._listener.fileno()
-        sessions, strangers, read = self._sessions, self._strangers, os.read
+        sessions, strangers, read, write = self._sessions, self._strangers, os.read, os.write
         next_tick = time.monotonic() + TICK
         while not self._stopping.is_set():
             events = poll(max(0.0, next_tick - time.monotonic()), MAX_EVENTS)
@@ -148,8 +150,20 @@ class TftpService:
                 try:
                     if session is not None:  # the hot path: one ACK in, DATA out
                         packet = read(fd, ANSWER_SIZE)
-                        if packet == session.awaited:  # lockstep's next block (session.py)
-                            session.step(now)
+                        if packet == session.awaited:
+                            # Lockstep's next block, inlined (session.py): what on_packet does for
+                            # this ACK, without its checks and calls (a tenth fewer instructions).
+                            block = session.sent + 1
+                            session.acked = session.sent
+                            session.sent = block
+                            session.retries = 0
+                            session.progressed = now
+                            session.deadline = now + session.timeout
+                            session.awaited = ACK_PACKETS[block & 0xFFFF] if block < session.total_blocks else None
+                            try:
+                                write(fd, session.built[block] or session.packet(block))  # type: ignore[index]
+                            except OSError:
+                                pass  # UDP: the deadline resends it
                         else:
                             session.on_packet(packet, now)
                             if session.done:
@@ -301,7 +315,7 @@ class TftpService:
             stats = session.stats
             self._events.add(Transfer(client_ip, session.source.name, session.source.size, session.blksize,
                                       stats.finished - stats.started, session.source.from_policy,
-                                      stats.packets_sent, stats.retransmits, stats.wrong_tid))
+                                      session.packets_sent, stats.retransmits, stats.wrong_tid))
         session.source.close()
 
     def _reply_from_listener(self, packet: bytes, peer: tuple[str, int]) -> None:
