@@ -16,6 +16,16 @@ acknowledges nothing new for ``session_deadline`` seconds is dropped whatever ti
 asked for (and a timeout above ``max_timeout`` is not granted); file data in memory is
 bounded by ``packet_cache_mb`` (cache.py).
 
+Under many transfers the loop lets packets gather before it looks again: while at least
+:data:`BATCH_SESSIONS` transfers move (acknowledged something in the last tick) and packets
+arrive fast enough that :data:`BATCH_PACKETS` come within ``[tftp] batch_wait_us``, a wakeup
+that found fewer sleeps as long as that many take to arrive (at most half of a moving
+transfer's round, on average) before the next poll. Each wakeup costs a context switch, and
+each packet a client sends to a sleeping server costs that client a wakeup too; in
+bench/tftp.py's 300 x 1 MB case gathering took about a third off the server's CPU time and a
+quarter off the clients'. Open transfers that do not move (slow or hostile clients) never
+make the loop wait, and under fewer moving transfers it answers every packet at once.
+
 Each transfer gets a fresh port (its TID, RFC 1350; two sockets, see session.py) bound to the
 address the request came in on. Quirk: PXE ROMs drop a reply whose source address differs
 from the one they asked (pixiecore hits the same), so on a wildcard bind IP_PKTINFO tells
@@ -59,6 +69,8 @@ RECEIVE_SIZE = 1024  # requests, ACKs and ERRORs are small; larger datagrams are
 # What a transfer reads of its client's packets: opcode and block number, all it looks at (a
 # longer ACK or an ERROR is cut short; no buffer is allocated larger and then shrunk).
 ANSWER_SIZE = 4
+BATCH_SESSIONS = 64  # transfers moving before the loop lets packets gather between wakeups
+BATCH_PACKETS = 32  # a wakeup that found fewer than this waits before the next one
 LISTENER_BUFFER = 4 << 20  # a burst of a thousand RRQs must not overflow the default buffer
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux's value; Python names it from 3.12
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux's value; Python 3.11's socket module lacks it
@@ -142,6 +154,7 @@ class TftpService:
         poll, listener = self._epoll.poll, self._listener.fileno()
         sessions, strangers, read, write = self._sessions, self._strangers, os.read, os.write
         next_tick = time.monotonic() + TICK
+        batch_wait, pause, packets, counted = self.config.batch_wait_us / 1e6, 0.0, 0, time.monotonic()
         while not self._stopping.is_set():
             events = poll(max(0.0, next_tick - time.monotonic()), MAX_EVENTS)
             now = time.monotonic()
@@ -181,9 +194,14 @@ class TftpService:
                     self._metrics.error()
                     if session is not None:
                         self._end(session)
+            packets += len(events)
             if now >= next_tick:
                 self._expire(now)
-                next_tick = now + TICK
+                moving = sum(1 for session in sessions.values() if session.progressed >= counted)
+                pause = batch_pause(moving, packets, now - counted, batch_wait)
+                packets, counted, next_tick = 0, now, now + TICK
+            if pause and len(events) < BATCH_PACKETS:
+                time.sleep(pause)
 
     def _drain_listener(self) -> None:
         assert self._listener is not None
@@ -332,6 +350,17 @@ class TftpService:
         except OSError:
             pass
         sock.close()
+
+
+def batch_pause(moving: int, packets: int, seconds: float, limit: float) -> float:
+    """How long the loop sleeps after a wakeup with few packets: as long as
+    :data:`BATCH_PACKETS` take to come at the rate of the last ``seconds`` (``packets`` came
+    then, while ``moving`` transfers acknowledged something); 0 when that is longer than
+    ``limit``, or fewer than :data:`BATCH_SESSIONS` transfers move."""
+    if moving < BATCH_SESSIONS or packets <= 0:
+        return 0.0
+    gather = BATCH_PACKETS * seconds / packets
+    return gather if gather <= limit else 0.0
 
 
 def _subnet(ip: str) -> str:
