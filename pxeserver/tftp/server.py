@@ -17,7 +17,7 @@ asked for (and a timeout above ``max_timeout`` is not granted); file data in mem
 bounded by ``packet_cache_mb`` (cache.py).
 
 Under many transfers the loop lets packets gather before it looks again: while at least
-:data:`BATCH_SESSIONS` transfers move (acknowledged something in the last tick) and packets
+:data:`BATCH_SESSIONS` transfers move (a client acknowledged a block in the last tick) and packets
 arrive fast enough that :data:`BATCH_PACKETS` come within ``[tftp] batch_wait_us``, a wakeup
 that found fewer sleeps as long as that many take to arrive (at most half of a moving
 transfer's round, on average) before the next poll. Each wakeup costs a context switch, and
@@ -197,7 +197,7 @@ class TftpService:
             packets += len(events)
             if now >= next_tick:
                 self._expire(now)
-                moving = sum(1 for session in sessions.values() if session.progressed >= counted)
+                moving = sum(1 for s in sessions.values() if s.progressed >= counted and s.acked)
                 pause = batch_pause(moving, packets, now - counted, batch_wait)
                 packets, counted, next_tick = 0, now, now + TICK
             if pause and len(events) < BATCH_PACKETS:
