@@ -50,6 +50,7 @@ BAD: list[tuple[str, str, Any, str]] = [
     ("tftp", "max_sessions", 0, "[tftp] max_sessions must be 1..1000000"),
     ("tftp", "max_sessions_per_client", 0, "[tftp] max_sessions_per_client must be 1..1000000"),
     ("tftp", "packet_cache_mb", -1, "[tftp] packet_cache_mb must be 0..1048576"),
+    ("tftp", "batch_wait_us", 20_000, "[tftp] batch_wait_us must be 0..10000"),
     ("tftp", "enabled", "yes", "[tftp] enabled must be true or false, not 'yes'"),
     ("http", "address", "web.example", "[http] address must be an IP address"),
     ("http", "port", -1, "[http] port must be 0..65535"),

@@ -6,6 +6,7 @@ waiting that long: what a real boot file served all day looks like.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -157,3 +158,62 @@ def test_packets_are_the_file_in_blocks_with_16_bit_numbers() -> None:
     assert Packets(bytes(70_000 * 8), 8).get(65_537)[:4] == b"\x00\x03\x00\x01"
     slices = Slices(data, 512)
     assert slices.count == 4 and all(slices.get(block) == packets.get(block) for block in range(1, 5))
+
+
+@pytest.mark.slow
+def test_cached_lockstep_transfer_answers_only_the_ack_in_flight(ctx: Context, service: TftpService,
+                                                                 client: RawClient,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """The lockstep fast path (a cached file): stale, duplicate, truncated and longer ACKs are
+    handled as before, a timeout resends once, and the transfer's log line counts every packet."""
+    caplog.set_level(logging.INFO, logger="pxeserver.tftp.events")
+    payload = os.urandom(10 * 512 + 100)  # 11 blocks
+    (ctx.config.tftp_root / "kernel").write_bytes(payload)
+    age()
+    assert curl(service.port, "kernel", 512) == payload  # its packets are now cached at blksize 512
+    reply, tid = client.ask(request("kernel", timeout=1))
+    assert reply == b"\x00\x06timeout\x001\x00"
+    client.send(ack(0), tid)
+    received = bytearray()
+    for block in range(1, 12):
+        reply, _ = client.recv()
+        assert reply[:4] == bytes([0, 3, 0, block])
+        received += reply[4:]
+        if block in (3, 4):  # one block each of the two ways it was sent (general, fast path)
+            client.send(ack(block - 1), tid)  # stale: the block before the one in flight
+            client.send(b"\x00\x04\x00", tid)  # truncated
+            assert client.silent_for(0.3)  # neither makes the server send anything
+            client.sock.settimeout(3)
+        if block == 3:
+            started = time.monotonic()
+            again, _ = client.recv()  # only the timeout brings block 3 again, once
+            assert again == reply and 0.3 <= time.monotonic() - started <= 1.6
+        if block == 5:
+            client.send(ack(block) + b"trailing", tid)  # a longer ACK still acknowledges block 5
+            continue
+        client.send(ack(block), tid)
+    assert bytes(received) == payload
+    assert client.silent_for(0.3)  # the last ACK ends the transfer: nothing more comes
+    deadline = time.monotonic() + 5
+    while caplog.text.count("tftp: sent kernel") < 2 and time.monotonic() < deadline:  # curl's, then ours
+        time.sleep(0.05)
+    lines = [line for line in caplog.text.splitlines() if "tftp: sent kernel" in line]
+    assert len(lines) == 2 and lines[-1].endswith(f"({len(payload)} bytes, blksize 512, "
+                              f"{lines[-1].split(', ')[2]}, 13 packets, 1 resent, 0 wrong TID)"), lines
+    assert service.active_sessions == 0
+
+
+@pytest.mark.slow
+def test_cached_lockstep_transfer_ends_on_the_clients_error(ctx: Context, service: TftpService,
+                                                           client: RawClient) -> None:
+    payload = os.urandom(10 * 512)
+    (ctx.config.tftp_root / "kernel").write_bytes(payload)
+    age()
+    assert curl(service.port, "kernel", 512) == payload
+    reply, tid = client.ask(request("kernel"))
+    client.send(ack(1), tid)
+    assert client.recv()[0][:4] == b"\x00\x03\x00\x02"
+    client.send(b"\x00\x05\x00\x00stop\x00", tid)  # the client gives up while block 2 is in flight
+    assert client.silent_for(0.3)
+    assert service.active_sessions == 0
+    assert curl(service.port, "kernel", 512) == payload  # and the next client is served

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 import pytest
 from tftp_support import Job, RawClient, ack, drive, error_of, request, running, sources
 
 from pxeserver.app import Context
+from pxeserver.tftp import server as tftp_server
+from pxeserver.tftp.server import BATCH_PACKETS, BATCH_SESSIONS, batch_pause
 
 
 def open_sessions(port: int, count: int, name: str) -> list[tuple[socket.socket, tuple[str, int]]]:
@@ -99,3 +102,72 @@ def test_abandoned_transfer_is_given_up_after_its_retries(ctx: Context) -> None:
         time.sleep(2.6)  # one resend after 1 s, given up 1 s later
         assert service.active_sessions == 0
         assert RawClient(service.port).download("file")[0] == b"z" * 2000
+
+
+def recorded_pauses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every sleep the TFTP event loop takes from now on (it sleeps only to let packets gather)."""
+    pauses: list[float] = []
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        if threading.current_thread().name == "tftp":  # time.sleep is the same for every thread
+            pauses.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(tftp_server.time, "sleep", sleep)
+    return pauses
+
+
+def test_batch_pause_waits_only_while_many_transfers_move_fast() -> None:
+    tick = 0.05
+    many = BATCH_SESSIONS
+    assert batch_pause(many - 1, 10_000, tick, 0.001) == 0.0  # too few transfers move
+    assert batch_pause(many, 0, tick, 0.001) == 0.0
+    assert batch_pause(many, 5_000, tick, 0.001) == pytest.approx(BATCH_PACKETS * tick / 5_000)  # 0.32 ms
+    assert batch_pause(300, 1_000, tick, 0.001) == 0.0  # a batch would take 1.6 ms to gather: no wait
+    assert batch_pause(300, 5_000, tick, 0.0) == 0.0  # batch_wait_us = 0: never
+
+
+@pytest.mark.slow
+def test_many_moving_transfers_gather_and_all_arrive_intact(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx.config.tftp.batch_wait_us = 10_000  # the most allowed
+    payload = os.urandom(256 * 1024)
+    (ctx.config.tftp_root / "kernel").write_bytes(payload)
+    time.sleep(2.2)  # old enough to be cached: the lockstep fast path serves it
+    jobs = [Job("kernel", {"blksize": "1468"}, source) for source in sources(200)]
+    with running(ctx) as service:
+        pauses = recorded_pauses(monkeypatch)
+        outcomes = drive(service.port, jobs, keep=True, deadline=60)
+    failed = [outcome for outcome in outcomes if not outcome.ok]
+    assert not failed, f"{len(failed)} failed, first: {failed[0].error}"
+    assert all(outcome.data == payload for outcome in outcomes)
+    assert pauses, "200 moving transfers never let packets gather"
+    assert all(0 < pause <= 0.01 for pause in pauses)
+    print(f"200 x 256 KB: {len(pauses)} pauses, longest {max(pauses) * 1000:.2f} ms")
+
+
+@pytest.mark.slow
+def test_open_transfers_that_do_not_move_never_make_a_good_client_wait(
+        ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack: 100 transfers opened and never acknowledged (as slow or hostile clients hold
+    them) must not make the loop sleep between a good client's blocks."""
+    ctx.config.tftp.batch_wait_us = 10_000
+    payload = os.urandom(1024 * 1024)
+    (ctx.config.tftp_root / "initrd").write_bytes(payload)
+    with running(ctx) as service:
+        idle = open_sessions(service.port, 100, "initrd")
+        assert service.active_sessions == 100
+        pauses = recorded_pauses(monkeypatch)
+        started = time.monotonic()
+        data, _, _ = RawClient(service.port, source="127.3.0.1").download("initrd", blksize=1468)
+        seconds = time.monotonic() - started
+        assert data == payload
+        for _ in range(100):  # the server reads the good client's last ACK after it returned
+            if service.active_sessions == 100:
+                break
+            time.sleep(0.01)
+        assert service.active_sessions == 100  # the idle ones are still open, still not moving
+    assert pauses == []
+    assert seconds < 5  # 715 blocks: 10 ms of waiting each would take over 7 s
+    for sock, _ in idle:
+        sock.close()

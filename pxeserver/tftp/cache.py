@@ -55,21 +55,23 @@ def version_of(info: os.stat_result) -> Version | None:
 class Packets:
     """The DATA packets of one snapshot at one block size, each built on first use and kept."""
 
-    __slots__ = ("_data", "_blksize", "_built", "count")
+    __slots__ = ("_data", "_blksize", "built", "count")
 
     def __init__(self, data: bytes, blksize: int) -> None:
         self._data = data
         self._blksize = blksize
         self.count = len(data) // blksize + 1  # the last block is short, maybe empty
-        self._built: list[bytes | None] = [None] * (self.count + 1)  # by absolute block; 0 unused
+        # The packets built so far, by absolute block (0 unused), None until first use: a
+        # session's lockstep fast path indexes this list itself and calls get() on a None.
+        self.built: list[bytes | None] = [None] * (self.count + 1)
 
     def get(self, block: int) -> bytes:
         """The packet of absolute block number ``block`` (1 .. count)."""
-        packet = self._built[block]
+        packet = self.built[block]
         if packet is None:
             offset = (block - 1) * self._blksize
             packet = HEADER.pack(DATA, block & 0xFFFF) + self._data[offset:offset + self._blksize]
-            self._built[block] = packet
+            self.built[block] = packet
         return packet
 
 

@@ -16,6 +16,17 @@ acknowledges nothing new for ``session_deadline`` seconds is dropped whatever ti
 asked for (and a timeout above ``max_timeout`` is not granted); file data in memory is
 bounded by ``packet_cache_mb`` (cache.py).
 
+Under many transfers the loop lets packets gather before it looks again: while at least
+:data:`BATCH_SESSIONS` transfers move (a client acknowledged a block in the last tick) and packets
+arrive fast enough that :data:`BATCH_PACKETS` come within ``[tftp] batch_wait_us``, a wakeup
+that found fewer sleeps as long as that many take to arrive (at most half of a moving
+transfer's round, on average) before the next poll. Each wakeup costs a context switch, and
+each packet a client sends to a sleeping server costs that client a wakeup too; in
+bench/tftp.py's 300 x 1 MB case (a shared 2-core VM, so noisy) gathering took the server's CPU
+time from about 1.5 s to 0.8-1.2 s, and the clients' by up to a third. Open transfers that
+do not move (slow or hostile clients) never make the loop wait, and under fewer moving
+transfers it answers every packet at once.
+
 Each transfer gets a fresh port (its TID, RFC 1350; two sockets, see session.py) bound to the
 address the request came in on. Quirk: PXE ROMs drop a reply whose source address differs
 from the one they asked (pixiecore hits the same), so on a wildcard bind IP_PKTINFO tells
@@ -48,7 +59,7 @@ from pxeserver.tftp.packets import (
     opcode_of,
     parse_request,
 )
-from pxeserver.tftp.session import Session
+from pxeserver.tftp.session import ACK_PACKETS, Session
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +67,11 @@ DRAIN_LIMIT = 64  # requests read from the listening socket per wakeup
 MAX_EVENTS = 1024  # readiness events handled per wakeup
 TICK = 0.05  # seconds between deadline scans: the resolution of retransmit timers
 RECEIVE_SIZE = 1024  # requests, ACKs and ERRORs are small; larger datagrams are truncated
-ANSWER_SIZE = 64  # what a transfer reads from its client: an ACK, or an ERROR cut short
+# What a transfer reads of its client's packets: opcode and block number, all it looks at (a
+# longer ACK or an ERROR is cut short; no buffer is allocated larger and then shrunk).
+ANSWER_SIZE = 4
+BATCH_SESSIONS = 64  # transfers moving before the loop lets packets gather between wakeups
+BATCH_PACKETS = 32  # a wakeup that found fewer than this waits before the next one
 LISTENER_BUFFER = 4 << 20  # a burst of a thousand RRQs must not overflow the default buffer
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux's value; Python names it from 3.12
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux's value; Python 3.11's socket module lacks it
@@ -138,18 +153,35 @@ class TftpService:
     def _run(self) -> None:
         assert self._epoll is not None and self._listener is not None
         poll, listener = self._epoll.poll, self._listener.fileno()
-        sessions, strangers, read = self._sessions, self._strangers, os.read
+        sessions, strangers, read, write = self._sessions, self._strangers, os.read, os.write
         next_tick = time.monotonic() + TICK
+        batch_wait, pause, packets, counted = self.config.batch_wait_us / 1e6, 0.0, 0, time.monotonic()
         while not self._stopping.is_set():
             events = poll(max(0.0, next_tick - time.monotonic()), MAX_EVENTS)
             now = time.monotonic()
             for fd, _ in events:
                 session = sessions.get(fd)
                 try:
-                    if session is not None:  # the hot path, inlined: one ACK in, DATA out
-                        session.on_packet(read(fd, ANSWER_SIZE), now)
-                        if session.done:
-                            self._end(session)
+                    if session is not None:  # the hot path: one ACK in, DATA out
+                        packet = read(fd, ANSWER_SIZE)
+                        if packet == session.awaited:
+                            # Lockstep's next block, inlined (session.py): what on_packet does for
+                            # this ACK, without its checks and calls (a tenth fewer instructions).
+                            block = session.sent + 1
+                            session.acked = session.sent
+                            session.sent = block
+                            session.retries = 0
+                            session.progressed = now
+                            session.deadline = now + session.timeout
+                            session.awaited = ACK_PACKETS[block & 0xFFFF] if block < session.total_blocks else None
+                            try:
+                                write(fd, session.built[block] or session.packet(block))  # type: ignore[index]
+                            except OSError:
+                                pass  # UDP: the deadline resends it
+                        else:
+                            session.on_packet(packet, now)
+                            if session.done:
+                                self._end(session)
                     elif fd == listener:
                         self._drain_listener()
                     elif (session := strangers.get(fd)) is not None:
@@ -163,9 +195,14 @@ class TftpService:
                     self._metrics.error()
                     if session is not None:
                         self._end(session)
+            packets += len(events)
             if now >= next_tick:
                 self._expire(now)
-                next_tick = now + TICK
+                moving = sum(1 for s in sessions.values() if s.progressed >= counted and s.acked)
+                pause = batch_pause(moving, packets, now - counted, batch_wait)
+                packets, counted, next_tick = 0, now, now + TICK
+            if pause and len(events) < BATCH_PACKETS:
+                time.sleep(pause)
 
     def _drain_listener(self) -> None:
         assert self._listener is not None
@@ -297,7 +334,7 @@ class TftpService:
             stats = session.stats
             self._events.add(Transfer(client_ip, session.source.name, session.source.size, session.blksize,
                                       stats.finished - stats.started, session.source.from_policy,
-                                      stats.packets_sent, stats.retransmits, stats.wrong_tid))
+                                      session.packets_sent, stats.retransmits, stats.wrong_tid))
         session.source.close()
 
     def _reply_from_listener(self, packet: bytes, peer: tuple[str, int]) -> None:
@@ -314,6 +351,17 @@ class TftpService:
         except OSError:
             pass
         sock.close()
+
+
+def batch_pause(moving: int, packets: int, seconds: float, limit: float) -> float:
+    """How long the loop sleeps after a wakeup with few packets: as long as
+    :data:`BATCH_PACKETS` take to come at the rate of the last ``seconds`` (``packets`` came
+    then, while ``moving`` transfers acknowledged something); 0 when that is longer than
+    ``limit``, or fewer than :data:`BATCH_SESSIONS` transfers move."""
+    if moving < BATCH_SESSIONS or packets <= 0:
+        return 0.0
+    gather = BATCH_PACKETS * seconds / packets
+    return gather if gather <= limit else 0.0
 
 
 def _subnet(ip: str) -> str:

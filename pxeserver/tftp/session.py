@@ -17,6 +17,16 @@ ACKs with ``os.read``: the same datagram syscalls as ``send``/``recv``, without 
 methods' tuple argument parsing and timeout bookkeeping, which is a measurable share of the
 CPU per block when all else is a list lookup (see cache.py).
 
+Lockstep transfers from the packet cache (nearly all of them: PXE ROMs, pxelinux, tftpy)
+have a fast path, inlined in the event loop (server.py): while a block that is not the last
+is in flight, ``awaited`` holds the exact bytes of its ACK, so the loop recognises the common
+packet with one bytes comparison (no unpacking, no block arithmetic, no call) and sends the
+next cached packet from ``built``. Anything else (a duplicate or stale ACK, an ERROR, the
+last block's ACK, a window, a packet not cached) takes :meth:`Session.on_packet`. The count
+of packets sent is derived when it is read (``sent`` plus ``stats.repeats``), so the fast
+path does not count. Under 300 concurrent transfers all this took the server's user-space
+instructions per block from about 10,400 to 5,400 (bench/tftp.py case (b), under callgrind).
+
 The transfer's port has two sockets (both SO_REUSEADDR): one connected to the client, which
 the kernel gives every packet from the client's address and port, and one unconnected, which
 gets only packets from anyone else (a connected socket matches more specifically). The
@@ -31,23 +41,32 @@ import socket
 import time
 from dataclasses import dataclass
 
+from pxeserver.tftp.cache import Packets
 from pxeserver.tftp.files import Source
 from pxeserver.tftp.packets import ACK, ERROR, HEADER, ErrorCode, Negotiated, encode_error, encode_oack
 
+# Every ACK packet, by wire block number: what ``Session.awaited`` is compared with (2.6 MB,
+# made once, instead of packing a new 4-byte object per block sent).
+ACK_PACKETS = tuple(HEADER.pack(ACK, block) for block in range(1 << 16))
 
-@dataclass
+
+@dataclass(slots=True)
 class Stats:
     """What one transfer cost; logged when it ends, so slow or lossy clients stand out."""
 
     started: float
     finished: float = 0.0
-    packets_sent: int = 0
+    repeats: int = 0  # packets sent beyond each block's first send: OACKs, resends, ERRORs
     retransmits: int = 0
     timeouts: int = 0
     wrong_tid: int = 0
 
 
 class Session:
+    __slots__ = ("sock", "fd", "strangers", "peer", "source", "blksize", "windowsize", "patience", "timeout",
+                 "max_retries", "oack", "packet", "built", "total_blocks", "acked", "sent", "awaited", "retries",
+                 "deadline", "progressed", "done", "completed", "stats")
+
     def __init__(self, sock: socket.socket, strangers: socket.socket, peer: tuple[str, int],
                  source: Source, options: Negotiated, timeout: float, retries: int, patience: float) -> None:
         self.sock = sock  # connected to the client
@@ -63,15 +82,23 @@ class Session:
         self.oack = encode_oack(options.oack) if options.oack else b""
         packets = source.packets(self.blksize, self.windowsize)
         self.packet = packets.get  # the DATA packet of an absolute block number
+        # Cached packets, for the lockstep fast path; None: no fast path (windows, uncached files)
+        self.built = packets.built if isinstance(packets, Packets) and self.windowsize == 1 else None
         self.total_blocks = packets.count  # the last block is short, maybe empty
         self.acked = 0  # highest block the client confirmed (absolute)
         self.sent = 0  # highest block sent so far (absolute)
+        self.awaited: bytes | None = None  # the ACK that moves the fast path on (see above)
         self.retries = 0
         self.deadline = 0.0
         self.progressed = 0.0  # when the client last acknowledged something new (or asked)
         self.done = False
         self.completed = False  # the client acknowledged the last block
         self.stats = Stats(started=time.monotonic())
+
+    @property
+    def packets_sent(self) -> int:
+        """Every packet this transfer sent: each block once, and what was repeated or extra."""
+        return self.sent + self.stats.repeats
 
     def begin(self, now: float) -> None:
         """Send the OACK (then wait for ACK 0) or, without options, the first window."""
@@ -155,17 +182,19 @@ class Session:
                     write(fd, packet(block))
         except OSError:
             pass  # a full socket buffer (or a failed read) loses the rest; the deadline resends it
-        self.stats.packets_sent += last - self.acked
+        self.stats.repeats += min(last, self.sent) - self.acked  # blocks sent before, sent again
         if last > self.sent:
             self.sent = last
         self.deadline = now + self.timeout
+        if self.built is not None:  # lockstep from the cache: its next ACK takes the fast path
+            self.awaited = ACK_PACKETS[last & 0xFFFF] if last < self.total_blocks else None
 
     def _send(self, packet: bytes) -> None:
         try:
             self.sock.send(packet)
         except OSError:
             pass  # UDP: the deadline covers a lost packet
-        self.stats.packets_sent += 1
+        self.stats.repeats += 1
 
     def _finish(self, now: float) -> None:
         self.done = True
