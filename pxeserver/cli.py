@@ -296,10 +296,7 @@ def domu_config(ctx: click.Context, mac: str, output: str | None, **overrides: A
         found = context.store.get_host(MacAddress.parse(mac))
         xen = XenSettings.from_input({k: v for k, v in overrides.items() if v is not None}, found.xen)
         context.provisioning.check_xen(xen)
-        config = context.config
-        pinned = config.advertised_address if config.dhcp.enabled and config.dhcp.mode == "full" else ""
-        text = domu.render(found, xen, bootloader=config.xen.bootloader, dhcp_server=pinned,
-                           cache_dir=config.xen.pypxeboot_cache_dir)
+        text = domu.render_for(context.config, found, xen)
         if output:
             Path(output).write_text(text)
             click.echo(f"wrote {output}")

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import re
 
-from pxeserver.config import XenSection
+from pxeserver.config import Config, XenSection
 from pxeserver.registry import Host, XenSettings
 
 _NAME_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def render_for(config: Config, host: Host, xen: XenSettings | None = None) -> str:
+    """The xl config as this server's settings make it: what ``domu-config`` writes and the
+    dashboard shows (the bootloader path, the DHCP pin in full mode, the dom0 cache)."""
+    pinned = config.advertised_address if config.dhcp.enabled and config.dhcp.mode == "full" else ""
+    return render(host, xen, bootloader=config.xen.bootloader, dhcp_server=pinned,
+                  cache_dir=config.xen.pypxeboot_cache_dir)
 
 
 def render(host: Host, xen: XenSettings | None = None, *, bootloader: str = XenSection.bootloader,

@@ -218,7 +218,7 @@ class Overview:
                                         comment=f"{host.hostname} ({host.mac}), written by pxeserver"),
             autoinstall=text,
             autoinstall_name=name,
-            xl_config=domu.render(host),
+            xl_config=domu.render_for(self.config, host),
         )
 
     def _masked_autoinstall(self, host: Host) -> tuple[str, str]:

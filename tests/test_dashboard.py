@@ -5,6 +5,7 @@ real HTTP service while a good client is served."""
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import re
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 from flask.testing import FlaskClient
 from http_support import MAC, PROFILE, curl, running
 
+from pxeserver import domu
 from pxeserver.app import Context
 from pxeserver.mac import MacAddress
 from pxeserver.registry import BootFile, Status
@@ -121,6 +123,17 @@ def test_host_page_masks_secrets_as_the_api_does(ctx: Context, client: FlaskClie
     assert "kernel images/centos5/vmlinuz" in page and 'bootloader = &#34;/usr/local/bin/pypxeboot&#34;' in page
     # Nothing rendered for the page counted as the host's install.
     assert ctx.store.get_host(HOST).status is Status.REGISTERED
+
+
+def test_host_page_shows_the_xl_config_domu_config_writes(ctx: Context, client: FlaskClient) -> None:
+    ctx.config.xen.bootloader = "/opt/xen/pypxeboot"
+    ctx.config.xen.pypxeboot_cache_dir = "/var/cache/pypxeboot"
+    ctx.config.dhcp.enabled, ctx.config.dhcp.mode = True, "full"
+    page = html.unescape(client.get(f"/hosts/{MAC}").data.decode())
+    written = domu.render_for(ctx.config, ctx.store.get_host(HOST))
+    assert 'bootloader = "/opt/xen/pypxeboot"' in written and "cache_dir=/var/cache/pypxeboot" in written
+    assert f"dhcp_server={ctx.config.advertised_address}" in written
+    assert written.strip() in page
 
 
 def test_editing_keeps_masked_secrets_and_reports_bad_input(ctx: Context, client: FlaskClient) -> None:
