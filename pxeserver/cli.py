@@ -336,7 +336,7 @@ def build_pypxeboot(output: Path, print_sha256: bool) -> None:
 @click.option("--timeout", type=float, default=3600, show_default=True, help="Seconds before giving up.")
 def lab(**options: Any) -> None:
     """Boot a QEMU guest from the network against a throwaway server (root; tears down on exit)."""
-    from pxeserver import lab as lab_module
+    from pxeserver.lab import firmware as lab_module
 
     sys.exit(lab_module.run(**options))
 
