@@ -1,0 +1,168 @@
+"""The whole life of domUs under a real Xen 4.17 dom0 (in QEMU), booted by pypxeboot from xl.
+
+One lab run (pxeserver/lab/xen.py, also `pxeserver lab --xen`) for the module: hosts
+registered through the API, their xl configs from `pxeserver domu-config` used unchanged,
+the dom0 image with pxeserver in a venv and the README's link for xl to find pypxeboot.
+Phases in one boot of dom0: web1 installs, web1 boots its installed system through pygrub,
+then web2 and web3 install side by side. The tests read the guests' consoles (xenconsoled's
+logs), the bootloader logs, the server's timelines and statuses. When one fails, the run's
+logs are copied to test-artifacts/xen/ and the message says where.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from pxeserver.lab import image as lab_image
+from pxeserver.lab.xen import SERVER_IP, LabRun, run_lab
+
+TIMEOUT = 5400  # a cold build (debootstrap) and the boots, under software emulation
+
+
+def _missing() -> str:
+    if os.geteuid() != 0:
+        return "needs root (network namespace, tap, chroot)"
+    for tool in ("qemu-system-x86_64", "debootstrap", "mke2fs", "debugfs", "cpio"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (scripts/debian-packages.txt)"
+    if not lab_image.XEN_HYPERVISOR.exists() or not os.path.exists("/dev/net/tun"):
+        return f"needs {lab_image.XEN_HYPERVISOR} and /dev/net/tun"
+    return ""
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.netns,
+    pytest.mark.timeout(TIMEOUT),
+    pytest.mark.skipif(bool(_missing()), reason=_missing() or "ok"),
+]
+
+ARTIFACTS = REPO / "test-artifacts" / "xen"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> LabRun:
+    result = run_lab(REPO, tmp_path_factory.mktemp("xen-lab"))
+    print(f"\nxen lab: image {result.build_seconds:.0f} s, dom0 boot and scenario {result.boot_seconds:.0f} s, "
+          f"logs in {result.workdir}")
+    return result
+
+
+@contextmanager
+def evidence(lab: LabRun) -> Iterator[None]:
+    """On a failed assertion: keep the serial, guest, bootloader and server logs."""
+    try:
+        yield
+    except AssertionError as exc:
+        shutil.rmtree(ARTIFACTS, ignore_errors=True)
+        ARTIFACTS.mkdir(parents=True)
+        for name in ("serial.log", "serve.log", "serve.err", "qemu.log", "pxeserver.toml", "lab-disk", "out"):
+            source = lab.workdir / name
+            if source.is_dir():
+                shutil.copytree(source, ARTIFACTS / name, symlinks=True)
+            elif source.is_file():
+                shutil.copy(source, ARTIFACTS / name)
+        raise AssertionError(f"{exc}\n(logs kept in {ARTIFACTS}; the run was in {lab.workdir})") from None
+
+
+def in_order(text: str, *needles: str) -> None:
+    """Each needle occurs in ``text`` after the previous one."""
+    position = 0
+    for needle in needles:
+        found = text.find(needle, position)
+        assert found >= 0, f"{needle!r} not found after position {position} in:\n{text[-4000:]}"
+        position = found + len(needle)
+
+
+def timeline_text(lab: LabRun, hostname: str) -> str:
+    return "\n".join(f"{e['source']}: {e['message']}" for e in lab.hosts[hostname].events)
+
+
+def test_dom0_ran_every_phase(lab: LabRun) -> None:
+    with evidence(lab):
+        assert lab.qemu_exit == 0, f"QEMU exit {lab.qemu_exit} (None: killed at the timeout)"
+        assert lab.dom0_result == "scenario ended with status 0", lab.serial[-3000:]
+        in_order(lab.scenario_log, "phase install: xl create web1", "web1: xl create exited 0",
+                 "web1 has powered off", "phase local boot: xl create web1", "web1: xl create exited 0",
+                 "web1 has powered off", "phase side by side: xl create web2 web3")
+        for name in ("web2", "web3"):
+            in_order(lab.scenario_log, "phase side by side", f"{name}: xl create exited 0")
+            in_order(lab.scenario_log, "phase side by side", f"{name} has powered off")
+        assert "still running" not in lab.scenario_log
+
+
+def test_the_xl_config_is_domu_configs_output_unchanged(lab: LabRun) -> None:
+    with evidence(lab):
+        for host in lab.hosts.values():
+            assert host.mac.startswith("00:16:3e:")
+            written = subprocess.run(
+                [sys.executable, "-m", "pxeserver", "--config", str(lab.workdir / "pxeserver.toml"),
+                 "domu-config", host.mac], capture_output=True, text=True, timeout=60, check=True).stdout
+            assert host.domu_config == written
+            # xl found the bootloader by this bare name: the dom0 set-up the README gives.
+            assert 'bootloader = "pypxeboot"' in written
+
+
+def test_first_create_installs_through_pypxeboot(lab: LabRun) -> None:
+    web1 = lab.hosts["web1"]
+    with evidence(lab):
+        assert f"pypxeboot: {web1.mac} boots 'install' from {SERVER_IP} (pxelinux.cfg/01-" in lab.bootloader_logs()
+        console = lab.console("web1")
+        in_order(console, "pxeserver-lab: lease 10.77.0.",
+                 f"pxeserver-lab: preseed http://{SERVER_IP}/preseed/{web1.mac.replace(':', '-')}: ",
+                 "pxeserver-lab: installed system written to xvda",
+                 '''pxeserver-lab: install-complete call answered: {''')
+        assert "FAILED" not in console
+        assert web1.status == "installed"
+
+
+def test_second_create_boots_the_installed_system_through_pygrub(lab: LabRun) -> None:
+    with evidence(lab):
+        # lab.role=installed is only in the grub.cfg the installer wrote onto xvda.
+        in_order(lab.console("web1"), "pxeserver-lab: install-complete call answered",
+                 "pxeserver-lab: installed system up on ")
+        assert "boots 'local'" in lab.bootloader_logs()
+
+
+def test_the_timeline_shows_every_step_of_both_boots(lab: LabRun) -> None:
+    web1 = lab.hosts["web1"]
+    dashed = web1.mac.replace(":", "-")
+    with evidence(lab):
+        timeline = timeline_text(lab, "web1")
+        in_order(timeline,
+                 "dhcp: ACK 10.77.0.",  # pypxeboot's, from dom0
+                 f"tftp: sent pxelinux.cfg/01-{dashed}",
+                 "tftp: sent images/lab-installer/vmlinuz", "to 10.77.0.2, which fetched this host's boot config",
+                 "tftp: sent images/lab-installer/initrd.img", "to 10.77.0.2, which fetched this host's boot config",
+                 "dhcp: ACK 10.77.0.",  # the installer's, from the domU
+                 "http: served preseed debian-xen.cfg to 10.77.0.",
+                 "callback: install complete; next boot is local",
+                 f"tftp: sent pxelinux.cfg/01-{dashed}")  # the second boot: localboot
+        assert "status netbooting -> installing" in timeline
+        assert timeline.count("tftp: sent images/lab-installer/vmlinuz") == 1
+
+
+def test_two_domus_created_at_once_both_install(lab: LabRun) -> None:
+    with evidence(lab):
+        leases = set()
+        for name in ("web2", "web3"):
+            host = lab.hosts[name]
+            console = lab.console(name)
+            in_order(console, "pxeserver-lab: lease 10.77.0.", "pxeserver-lab: install-complete call answered")
+            leases.add(re.search(r"pxeserver-lab: lease (\S+)", console).group(1))
+            assert host.status == "installed", name
+            timeline = timeline_text(lab, name)
+            for file in ("vmlinuz", "initrd.img"):
+                assert timeline.count(f"tftp: sent images/lab-installer/{file}") == 1, (name, timeline)
+            assert f"pypxeboot: {host.mac} boots 'install'" in lab.bootloader_logs()
+        assert len(leases) == 2, leases
