@@ -121,7 +121,7 @@ def test_first_create_installs_through_pypxeboot(lab: LabRun) -> None:
         in_order(console, "pxeserver-lab: lease 10.77.0.",
                  f"pxeserver-lab: preseed http://{SERVER_IP}/preseed/{web1.mac.replace(':', '-')}: ",
                  "pxeserver-lab: installed system written to xvda",
-                 '''pxeserver-lab: install-complete call answered: {''')
+                 '''pxeserver-lab: install-complete call answered: {"hostname":"web1"''')
         assert "FAILED" not in console
         assert web1.status == "installed"
 
@@ -131,7 +131,9 @@ def test_second_create_boots_the_installed_system_through_pygrub(lab: LabRun) ->
         # lab.role=installed is only in the grub.cfg the installer wrote onto xvda.
         in_order(lab.console("web1"), "pxeserver-lab: install-complete call answered",
                  "pxeserver-lab: installed system up on ")
-        assert "boots 'local'" in lab.bootloader_logs()
+        logs = lab.bootloader_logs()
+        in_order(logs, f"pypxeboot: {lab.hosts['web1'].mac} boots 'local' from {SERVER_IP}",
+                 "Using <class 'grub.GrubConf.Grub2ConfigFile'> to parse /boot/grub/grub.cfg")
 
 
 def test_the_timeline_shows_every_step_of_both_boots(lab: LabRun) -> None:

@@ -1,6 +1,6 @@
 #!/bin/sh
 # PID 1 of the lab's Xen dom0 (kernel argument init=/sbin/lab-init): brings up Xen's daemons and
-# the bridge the domUs are on, runs the scenario from the lab disk (/dev/sdb, written by the
+# the bridge the domUs are on, runs the scenario from the lab disk (label "lab", written by the
 # host for each run), keeps the Xen logs there and powers the machine off. Every wait is bounded.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 say() { echo "lab-dom0: $*" > /dev/console; }
@@ -28,7 +28,7 @@ udevadm settle --timeout=60
 modprobe -a xen-netback xen-blkback loop bridge
 
 mkdir -p /lab
-mount /dev/sdb /lab || finish "no lab disk"
+mount LABEL=lab /lab || finish "no lab disk"
 mkdir -p /lab/out
 . /lab/lab.env   # DOM0_ADDRESS (CIDR)
 

@@ -24,7 +24,7 @@ for word in $(cat /proc/cmdline); do
 done
 
 if [ "$role" = installed ]; then
-    say "installed system up on $(uname -r), root disk $(cat /sys/block/xvda/size 2>/dev/null) sectors"
+    say "installed system up on $(uname -r)"
     poweroff -f
 fi
 [ "$role" = installer ] || fail "no lab.role= on the command line"

@@ -22,12 +22,14 @@ import gzip
 import hashlib
 import inspect
 import logging
+import lzma
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,7 @@ VENV = "/opt/pxeserver"
 XL_BOOTLOADER_DIR = f"/usr/lib/xen-{XEN_VERSION}/bin"
 GUEST_MODULES = ("xen-netfront", "xen-blkfront")
 IMAGE_SIZE = "3G"
+STALE_AFTER = 2 * 86400  # seconds unused before another build removes a cached stage
 DEBOOTSTRAP_TIMEOUT = 1800
 HERE = Path(__file__).resolve().parent
 
@@ -154,13 +157,23 @@ def _debootstrap(target: Path, mirror: str) -> None:
     shutil.rmtree(target / "var/cache/apt/archives", ignore_errors=True)
 
 
+def _use(cache: Path, final: Path, prefix: str) -> Path:
+    """Mark ``final`` as used now and remove this stage's other entries unused for long
+    (other checkouts share the cache, so recent ones stay)."""
+    os.utime(final)
+    for other in cache.glob(f"{prefix}-*"):
+        if other != final and time.time() - other.stat().st_mtime > STALE_AFTER:
+            shutil.rmtree(other, ignore_errors=True)
+    return final
+
+
 def rootfs(cache: Path) -> Path:
     """Stage 1: the debootstrapped tree, built unless cached."""
     mirror = apt_mirror()
     key = _digest(" ".join(DOM0_PACKAGES).encode(), SUITE.encode(), inspect.getsource(_debootstrap).encode())
     final = cache / f"rootfs-{key}"
     if final.is_dir():
-        return final
+        return _use(cache, final, "rootfs")
     log.info("lab: debootstrap %s with %d packages from %s (a few minutes)", SUITE, len(DOM0_PACKAGES), mirror)
     staging = Path(tempfile.mkdtemp(prefix="rootfs-", dir=cache))
     try:
@@ -168,7 +181,7 @@ def rootfs(cache: Path) -> Path:
         staging.rename(final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return final
+    return _use(cache, final, "rootfs")
 
 
 def _install_pxeserver(tree: Path, wheelhouse: Path) -> None:
@@ -193,7 +206,7 @@ def _configure(tree: Path) -> None:
     defaults = tree / "etc/default/xen"
     text = defaults.read_text() if defaults.exists() else ""
     defaults.write_text(text + '\nXENCONSOLED_ARGS="--log=guest --log-dir=/var/log/xen/console"\n')
-    (tree / "etc/fstab").write_text("/dev/sda / ext4 rw 0 1\n")
+    (tree / "etc/fstab").write_text("LABEL=dom0 / ext4 rw 0 1\n")
 
 
 def _export(tree: Path, target: Path) -> None:
@@ -215,7 +228,6 @@ def _export(tree: Path, target: Path) -> None:
         module = found[0]
         data = module.read_bytes()
         if module.suffix == ".xz":
-            import lzma
             data = lzma.decompress(data)
         (target / f"{name}.ko").write_bytes(data)
 
@@ -234,7 +246,7 @@ def dom0_image(source: Path, cache: Path | None = None) -> Dom0Image:
                       Path(__file__).read_bytes(), *(wheel_digest(w) for w in wheels))
         final = cache / f"dom0-{key}"
         if (final / "dom0.ext4").is_file():
-            return Dom0Image(final)
+            return Dom0Image(_use(cache, final, "dom0"))
         log.info("lab: building the dom0 image %s", final.name)
         staging = Path(tempfile.mkdtemp(prefix="dom0-", dir=cache))
         tree = staging / "tree"
@@ -249,4 +261,4 @@ def dom0_image(source: Path, cache: Path | None = None) -> Dom0Image:
             staging.rename(final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return Dom0Image(final)
+    return Dom0Image(_use(cache, final, "dom0"))
