@@ -144,10 +144,18 @@ def wheel_digest(wheel: Path) -> bytes:
 
 
 def build_wheelhouse(source: Path, target: Path) -> Path:
-    """``pip wheel`` of pxeserver and its dependencies (for the dom0's Python, the host's too)."""
-    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(target), str(source)],
+    """``pip wheel`` of pxeserver and its dependencies (for the dom0's Python, the host's too).
+
+    Built from a copy of the package's files, so setuptools' build/ directory neither lands
+    in the checkout nor carries stale modules into the wheel."""
+    tree = target / "source"
+    shutil.copytree(source / "pxeserver", tree / "pxeserver", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(source / name, tree / name)
+    wheels = target / "wheels"
+    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheels), str(tree)],
         "pip wheel", timeout=900)
-    return target
+    return wheels
 
 
 def _debootstrap(target: Path, mirror: str) -> None:
