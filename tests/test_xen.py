@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,11 +52,16 @@ ARTIFACTS = REPO / "test-artifacts" / "xen"
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> LabRun:
-    result = run_lab(REPO, tmp_path_factory.mktemp("xen-lab"))
-    print(f"\nxen lab: image {result.build_seconds:.0f} s, dom0 boot and scenario {result.boot_seconds:.0f} s, "
-          f"logs in {result.workdir}")
-    return result
+def lab() -> Iterator[LabRun]:
+    # Not under pytest's basetemp: other pytest runs on the machine prune it, even mid-run.
+    workdir = Path(tempfile.mkdtemp(prefix="pxeserver-xen-lab-", dir="/var/tmp"))
+    try:
+        result = run_lab(REPO, workdir)
+        print(f"\nxen lab: image {result.build_seconds:.0f} s, dom0 boot and scenario "
+              f"{result.boot_seconds:.0f} s, logs in {result.workdir}")
+        yield result
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @contextmanager

@@ -5,7 +5,8 @@ serve` runs there too, in DHCP full mode on a subnet that exists only in that na
 it would on a site's provisioning network; dom0 bridges that NIC into ``xenbr0``. Hosts are
 registered through the HTTP API (MACs generated, 00:16:3e), their xl configs written by
 ``pxeserver domu-config`` and used unchanged. dom0 runs a scenario from a second disk: each
-phase ``xl create``s its domUs at once and waits for them to power off. The domUs boot this
+phase ``xl create``s its domUs at once (several: paused, then unpaused together) and waits
+for them to power off. The domUs boot this
 module's small installer (busybox: netfront, DHCP, preseed, writes the installed system onto
 xvda, install-complete call), and after it the installed system through pygrub.
 
@@ -235,11 +236,19 @@ def scenario_script(phases: tuple[Phase, ...], hosts: dict[str, LabHost]) -> str
     ]
     lines += [f"truncate -s {GUEST_DISK_MB}M /lab/disks/{name}.img && "
               f'ln -s "$(losetup -f --show /lab/disks/{name}.img)" /dev/vg_domu/{name}' for name in hosts]
+    # Under emulation a booting guest starves dom0: Xen's hotplug scripts for a second domU
+    # then overrun libxl's 40 s. So dom0 comes first in Xen's scheduler, and domUs created
+    # together (their pypxeboots side by side) are created paused and unpaused together.
+    lines.append("xl sched-credit2 -d Domain-0 -w 65535 || xl sched-credit -d Domain-0 -w 65535")
     for phase in phases:
+        together = len(phase.hosts) > 1
         lines.append(f'say "phase {phase.label}: xl create {" ".join(phase.hosts)}"')
         for name in phase.hosts:
-            lines.append(f'( xl create /lab/{name}.cfg; say "{name}: xl create exited $?" ) &')
+            create = "xl create -p" if together else "xl create"
+            lines.append(f'( {create} /lab/{name}.cfg; say "{name}: xl create exited $?" ) &')
         lines.append("wait")
+        if together:
+            lines += [f"xl unpause {name}" for name in phase.hosts]
         lines += [f"wait_gone {name} {INSTALL_TIMEOUT}" for name in phase.hosts]
     lines.append('say "scenario done"')
     return "\n".join(lines) + "\n"
