@@ -46,6 +46,9 @@ ip link set xenbr0 up
 ip addr add "$DOM0_ADDRESS" dev xenbr0
 ip link set lo up
 say "$nic bridged into xenbr0 as $DOM0_ADDRESS"
+# Modules are loaded and devtmpfs makes the nodes; udevd's rule runs on each new backend device
+# would only compete with Xen's hotplug scripts, which libxl kills after 40 s.
+udevadm control --exit
 
 /etc/init.d/xen start > /lab/out/xen-start.log 2>&1 || finish "xen did not start: $(tail -3 /lab/out/xen-start.log)"
 xl info > /lab/out/xl-info.txt 2>&1

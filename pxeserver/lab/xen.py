@@ -240,6 +240,8 @@ def scenario_script(phases: tuple[Phase, ...], hosts: dict[str, LabHost]) -> str
     # then overrun libxl's 40 s. So dom0 comes first in Xen's scheduler, and domUs created
     # together (their pypxeboots side by side) are created paused and unpaused together.
     lines.append("xl sched-credit2 -d Domain-0 -w 65535 || xl sched-credit -d Domain-0 -w 65535")
+    lines.append("cat /etc/xen/scripts/* /usr/bin/xenstore* /sbin/losetup > /dev/null; losetup -a > /dev/null"
+                 "  # their first run reads them from disk")
     for phase in phases:
         together = len(phase.hosts) > 1
         lines.append(f'say "phase {phase.label}: xl create {" ".join(phase.hosts)}"')
