@@ -1,9 +1,9 @@
 #!/bin/sh
 # PID 1 of the lab's Xen dom0 (kernel argument init=/sbin/lab-init): brings up Xen's daemons and
-# the bridge the domUs are on, runs the scenario from the lab disk (label "lab", written by the
+# the bridge the domUs are on, installs pypxeboot as the README says, runs the scenario from the lab disk (label "lab", written by the
 # host for each run), keeps the Xen logs there and powers the machine off. Every wait is bounded.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-say() { echo "lab-dom0: $*" > /dev/console; }
+say() { echo "lab-dom0: $(date +%T) $*" > /dev/console; }
 finish() {
     say "$1"
     [ -d /lab/out ] && { cp -a /var/log/xen /lab/out/ 2>/dev/null; echo "$1" > /lab/out/dom0-result; }
@@ -30,7 +30,7 @@ modprobe -a xen-netback xen-blkback loop bridge
 mkdir -p /lab
 mount LABEL=lab /lab || finish "no lab disk"
 mkdir -p /lab/out
-. /lab/lab.env   # DOM0_ADDRESS (CIDR)
+. /lab/lab.env   # DOM0_ADDRESS (CIDR), SERVER_IP, PYPXEBOOT_SHA256
 
 nic=""
 for path in /sys/class/net/*; do
@@ -46,6 +46,15 @@ ip link set xenbr0 up
 ip addr add "$DOM0_ADDRESS" dev xenbr0
 ip link set lo up
 say "$nic bridged into xenbr0 as $DOM0_ADDRESS"
+# The README's dom0 set-up: pypxeboot from the server, checked against the SHA-256 that
+# `pxeserver build-pypxeboot --print-sha256` printed on the server's side.
+curl -fsS --max-time 120 -o /usr/local/bin/pypxeboot "http://$SERVER_IP/dom0/pypxeboot" \
+    || finish "curl http://$SERVER_IP/dom0/pypxeboot failed"
+chmod 755 /usr/local/bin/pypxeboot
+sha256sum /usr/local/bin/pypxeboot > /lab/out/pypxeboot.sha256
+[ "$(cut -d' ' -f1 /lab/out/pypxeboot.sha256)" = "$PYPXEBOOT_SHA256" ] \
+    || finish "pypxeboot from /dom0/pypxeboot is not what build-pypxeboot builds: $(cat /lab/out/pypxeboot.sha256)"
+say "pypxeboot installed from http://$SERVER_IP/dom0/pypxeboot, SHA-256 as build-pypxeboot prints it"
 # Modules are loaded and devtmpfs makes the nodes; udevd's rule runs on each new backend device
 # would only compete with Xen's hotplug scripts, which libxl kills after 40 s.
 udevadm control --exit

@@ -1,4 +1,4 @@
-"""The lab's Xen dom0 image: Debian bookworm with Xen's tools and pxeserver, built once and cached.
+"""The lab's Xen dom0 image: Debian bookworm with Xen's tools, built once and cached.
 
 Two cached stages, each in a directory named by the hash of what goes into it, outside the
 clone (``$PXESERVER_LAB_CACHE``, else ``/var/cache/pxeserver-lab`` for root, else
@@ -6,11 +6,14 @@ clone (``$PXESERVER_LAB_CACHE``, else ``/var/cache/pxeserver-lab`` for root, els
 
 - ``rootfs-<key>``: ``debootstrap --variant=minbase`` with :data:`DOM0_PACKAGES`, from the
   Debian mirror this machine's apt uses; keyed on the package list and this stage's code.
-- ``dom0-<key>``: that tree plus pxeserver in a venv (installed with no network from a
-  wheelhouse built here with ``pip wheel``), the symlink that lets xl find ``pypxeboot``, the
-  init script; made into an ext4 image with ``mke2fs -d`` (no mount). Keyed on the wheels'
-  contents, the rootfs key, the init script and this module, so a change to pxeserver (say,
-  to pypxeboot) rebuilds only this stage.
+- ``dom0-<key>``: that tree plus the init script and Xen's console logging, made into an ext4
+  image with ``mke2fs -d`` (no mount). Keyed on the rootfs key, the init script and this
+  module.
+
+pxeserver itself is not in the image: dom0 sets itself up as the README tells a site to, at
+each boot: ``curl`` fetches pypxeboot from the lab's server (``GET /dom0/pypxeboot``) into
+``/usr/local/bin/pypxeboot`` and checks its SHA-256 against what ``pxeserver build-pypxeboot
+--print-sha256`` printed on the host. So a change to pxeserver never rebuilds the image.
 
 Beside the image the stage keeps what runs outside it: Xen (gunzipped), the dom0 kernel and
 initramfs, and for the guests a static busybox and the Xen front-end modules of that kernel.
@@ -27,10 +30,8 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +41,9 @@ SUITE = "bookworm"
 XEN_VERSION = "4.17"
 DOM0_PACKAGES = (
     f"xen-utils-{XEN_VERSION}", "xen-utils-common", "linux-image-amd64", "initramfs-tools",
-    "iproute2", "busybox-static", "udev", "kmod", "systemd-sysv", "python3", "python3-venv", "procps",
+    "iproute2", "busybox-static", "udev", "kmod", "systemd-sysv", "python3", "curl", "procps",
 )
 XEN_HYPERVISOR = Path(f"/boot/xen-{XEN_VERSION}-amd64.gz")  # package xen-hypervisor-4.17-amd64
-VENV = "/opt/pxeserver"
-# libxl looks for a bootloader named without a path here first, then in xl's PATH.
-XL_BOOTLOADER_DIR = f"/usr/lib/xen-{XEN_VERSION}/bin"
 GUEST_MODULES = ("xen-netfront", "xen-blkfront")
 IMAGE_SIZE = "3G"
 STALE_AFTER = 2 * 86400  # seconds unused before another build removes a cached stage
@@ -96,9 +94,10 @@ def cache_dir() -> Path:
     return Path(xdg) / "pxeserver-lab"
 
 
-def run(args: list[str], step: str, timeout: float = 600, **kwargs: object) -> str:
+def run(args: list[str], step: str, timeout: float = 600) -> str:
+    """``args``' output; a failure or timeout is a :class:`BuildFailed` naming ``step``."""
     try:
-        result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)  # type: ignore[call-overload]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise BuildFailed(f"{step}: no result after {timeout:.0f} s") from None
     if result.returncode != 0:
@@ -131,31 +130,6 @@ def _digest(*parts: bytes) -> str:
     for part in parts:
         hasher.update(hashlib.sha256(part).digest())
     return hasher.hexdigest()[:16]
-
-
-def wheel_digest(wheel: Path) -> bytes:
-    """A wheel's contents (names and bytes), not its zip timestamps, so rebuilding the same
-    source gives the same key."""
-    hasher = hashlib.sha256()
-    with zipfile.ZipFile(wheel) as archive:
-        for name in sorted(archive.namelist()):
-            hasher.update(name.encode() + b"\0" + hashlib.sha256(archive.read(name)).digest())
-    return hasher.digest()
-
-
-def build_wheelhouse(source: Path, target: Path) -> Path:
-    """``pip wheel`` of pxeserver and its dependencies (for the dom0's Python, the host's too).
-
-    Built from a copy of the package's files, so setuptools' build/ directory neither lands
-    in the checkout nor carries stale modules into the wheel."""
-    tree = target / "source"
-    shutil.copytree(source / "pxeserver", tree / "pxeserver", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(source / name, tree / name)
-    wheels = target / "wheels"
-    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheels), str(tree)],
-        "pip wheel", timeout=900)
-    return wheels
 
 
 def _debootstrap(target: Path, mirror: str) -> None:
@@ -192,22 +166,6 @@ def rootfs(cache: Path) -> Path:
     return _use(cache, final, "rootfs")
 
 
-def _install_pxeserver(tree: Path, wheelhouse: Path) -> None:
-    """The venv from the wheelhouse (no network), and the link xl finds pypxeboot by."""
-    inside = tree / "tmp/wheelhouse"
-    shutil.copytree(wheelhouse, inside)
-    try:
-        run(["chroot", str(tree), "python3", "-m", "venv", VENV], "venv in dom0")
-        run(["chroot", str(tree), f"{VENV}/bin/pip", "install", "--quiet", "--no-index",
-             "--no-cache-dir", "--disable-pip-version-check", "--find-links", "/tmp/wheelhouse",
-             "pxeserver"], "pip install in dom0", env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-    finally:
-        shutil.rmtree(inside)
-    link = tree / XL_BOOTLOADER_DIR.lstrip("/") / "pypxeboot"
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(f"{VENV}/bin/pypxeboot")
-
-
 def _configure(tree: Path) -> None:
     shutil.copy(HERE / "dom0-init.sh", tree / "sbin/lab-init")
     (tree / "sbin/lab-init").chmod(0o755)
@@ -240,33 +198,28 @@ def _export(tree: Path, target: Path) -> None:
         (target / f"{name}.ko").write_bytes(data)
 
 
-def dom0_image(source: Path, cache: Path | None = None) -> Dom0Image:
-    """Stage 2: the bootable dom0 with pxeserver from ``source`` (a checkout), unless cached."""
+def dom0_image(cache: Path | None = None) -> Dom0Image:
+    """Stage 2: the bootable dom0, unless cached."""
     if not XEN_HYPERVISOR.exists():
         raise BuildFailed(f"{XEN_HYPERVISOR} is missing: install xen-hypervisor-{XEN_VERSION}-amd64")
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     base = rootfs(cache)
-    with tempfile.TemporaryDirectory(prefix="wheelhouse-", dir=cache) as scratch:
-        wheelhouse = build_wheelhouse(source, Path(scratch))
-        wheels = sorted(wheelhouse.glob("*.whl"))
-        key = _digest(base.name.encode(), (HERE / "dom0-init.sh").read_bytes(),
-                      Path(__file__).read_bytes(), *(wheel_digest(w) for w in wheels))
-        final = cache / f"dom0-{key}"
-        if (final / "dom0.ext4").is_file():
-            return Dom0Image(_use(cache, final, "dom0"))
-        log.info("lab: building the dom0 image %s", final.name)
-        staging = Path(tempfile.mkdtemp(prefix="dom0-", dir=cache))
-        tree = staging / "tree"
-        try:
-            run(["cp", "-a", str(base), str(tree)], "copy rootfs")
-            _install_pxeserver(tree, wheelhouse)
-            _configure(tree)
-            _export(tree, staging)
-            run(["mke2fs", "-q", "-t", "ext4", "-L", "dom0", "-d", str(tree), str(staging / "dom0.ext4"),
-                 IMAGE_SIZE], "mke2fs dom0", timeout=900)
-            shutil.rmtree(tree)
-            staging.rename(final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    key = _digest(base.name.encode(), (HERE / "dom0-init.sh").read_bytes(), Path(__file__).read_bytes())
+    final = cache / f"dom0-{key}"
+    if (final / "dom0.ext4").is_file():
+        return Dom0Image(_use(cache, final, "dom0"))
+    log.info("lab: building the dom0 image %s", final.name)
+    staging = Path(tempfile.mkdtemp(prefix="dom0-", dir=cache))
+    tree = staging / "tree"
+    try:
+        run(["cp", "-a", str(base), str(tree)], "copy rootfs")
+        _configure(tree)
+        _export(tree, staging)
+        run(["mke2fs", "-q", "-t", "ext4", "-L", "dom0", "-d", str(tree), str(staging / "dom0.ext4"),
+             IMAGE_SIZE], "mke2fs dom0", timeout=900)
+        shutil.rmtree(tree)
+        staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return Dom0Image(_use(cache, final, "dom0"))
