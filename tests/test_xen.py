@@ -134,7 +134,8 @@ def test_the_xl_config_is_domu_configs_output_unchanged(lab: LabRun) -> None:
 def test_first_create_installs_through_pypxeboot(lab: LabRun) -> None:
     web1 = lab.hosts["web1"]
     with evidence(lab):
-        assert f"pypxeboot: {web1.mac} boots 'install' from {SERVER_IP} (pxelinux.cfg/01-" in lab.bootloader_logs()
+        said = f"pypxeboot: {web1.mac} boots 'install' from tftp://{SERVER_IP}/pxelinux.cfg/01-"
+        assert said in lab.bootloader_logs()
         console = lab.console("web1")
         in_order(console, "pxeserver-lab: lease 10.77.0.",
                  f"pxeserver-lab: preseed http://{SERVER_IP}/preseed/{web1.mac.replace(':', '-')}: ",
@@ -150,7 +151,7 @@ def test_second_create_boots_the_installed_system_through_pygrub(lab: LabRun) ->
         in_order(lab.console("web1"), "pxeserver-lab: install-complete call answered",
                  "pxeserver-lab: installed system up on ")
         logs = lab.bootloader_logs()
-        in_order(logs, f"pypxeboot: {lab.hosts['web1'].mac} boots 'local' from {SERVER_IP}",
+        in_order(logs, f"pypxeboot: {lab.hosts['web1'].mac} boots 'local' from tftp://{SERVER_IP}/pxelinux.cfg/01-",
                  "Using <class 'grub.GrubConf.Grub2ConfigFile'> to parse /boot/grub/grub.cfg")
 
 
@@ -187,5 +188,5 @@ def test_two_domus_created_at_once_both_install(lab: LabRun) -> None:
                 assert timeline.count(f"tftp: sent images/lab-installer/{file}") == 1, (name, timeline)
             # Its own config: a pypxeboot that took the other's DHCP reply would not ask for it.
             dashed = host.mac.replace(":", "-")
-            assert f"pypxeboot: {host.mac} boots 'install' from {SERVER_IP} (pxelinux.cfg/01-{dashed})" in logs
+            assert f"pypxeboot: {host.mac} boots 'install' from tftp://{SERVER_IP}/pxelinux.cfg/01-{dashed}" in logs
         assert len(leases) == 2, leases

@@ -44,6 +44,7 @@ GUEST_DISK_MB = 64
 INSTALL_TIMEOUT = 1500  # seconds one phase's domUs may run under emulation
 QEMU_TIMEOUT = 3600
 SERVE_START_TIMEOUT = 60
+QEMU_NICE = -10  # CPU priority of the emulator on a shared host (see qemu_command)
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,11 @@ def register_hosts(server: Server, phases: tuple[Phase, ...]) -> dict[str, LabHo
 
 
 def qemu_command(image: Dom0Image, lab_disk: Path, serial: Path) -> list[str]:
+    """QEMU with Xen and dom0, ahead of the host's other work (``nice``): libxl kills a hotplug
+    script after a fixed 40 s, and a dom0 whose emulator waits behind a busy host's other
+    processes overruns that for reasons that have nothing to do with pxeserver."""
     return [
+        "nice", "-n", str(QEMU_NICE),
         "qemu-system-x86_64", "-accel", "tcg", "-cpu", "Haswell-noTSX", "-m", "4096", "-smp", "2",
         # No default devices: no floppy, CD-ROM, VGA or parallel port for dom0 to probe.
         "-nodefaults", "-display", "none", "-monitor", "none", "-no-reboot", "-serial", f"file:{serial}",
