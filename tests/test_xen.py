@@ -112,6 +112,9 @@ def test_dom0_ran_every_phase(lab: LabRun) -> None:
             in_order(lab.scenario_log, "phase install side by side", f"{name}: xl create exited 0",
                      f"{name} has powered off", "phase local boot")
         assert "still running" not in lab.scenario_log
+        assert "was not destroyed" not in lab.scenario_log, (
+            "a domU powered off but xl's monitor (on_poweroff = destroy) had died; look for "
+            f"'traps: xl' in serial.log:\n{lab.scenario_log}")
 
 
 def test_the_xl_config_is_domu_configs_output_unchanged(lab: LabRun) -> None:
