@@ -332,9 +332,20 @@ def build_pypxeboot(output: Path, print_sha256: bool) -> None:
 @click.option("--until", type=click.Choice(["netbooting", "installing"]),
               help="Stop (exit 0) once the host reaches this status; else run until Ctrl-C.")
 @click.option("--timeout", type=float, default=3600, show_default=True, help="Seconds before giving up.")
-def lab(**options: Any) -> None:
+@click.option("--xen", "with_xen", is_flag=True,
+              help="Instead: a real Xen dom0 in QEMU whose xl boots domUs through pypxeboot, their "
+                   "whole life (install, local boot, two at once); prints consoles and timelines.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="With --xen: keep the run's logs here (default: a new directory under /var/tmp).")
+def lab(with_xen: bool, workdir: Path | None, **options: Any) -> None:
     """Boot a QEMU guest from the network against a throwaway server (root; tears down on exit)."""
-    from pxeserver import lab as lab_module
+    if with_xen:
+        from pxeserver.lab import xen as xen_lab
+
+        sys.exit(xen_lab.main(workdir))
+    if workdir is not None:
+        _fail("--workdir goes with --xen")
+    from pxeserver.lab import firmware as lab_module
 
     sys.exit(lab_module.run(**options))
 

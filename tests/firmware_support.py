@@ -1,7 +1,7 @@
 """The firmware tests' lab: QEMU guests network-booting from ``pxeserver serve``.
 
 The network, the server's directory and the QEMU command are `pxeserver lab`'s own
-(pxeserver/lab.py): namespaces for the server and the guests joined through a bridge and a
+(pxeserver/lab/firmware.py): namespaces for the server and the guests joined through a bridge and a
 tap, QEMU under software emulation (``-accel tcg``) in the guests' namespace. Here: running
 the server and guests for a test, waiting on them with bounds, keeping the serial consoles and
 the server's log under ``test-artifacts/`` when a test fails, and a tiny busybox installer.
@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from conftest import REPO
 from dhcp_support import run
 
-from pxeserver.lab import INSTALLER, SERVER_IF, SERVER_IP, Network, network, prepare_server, qemu_command
+from pxeserver.lab.firmware import INSTALLER, SERVER_IF, SERVER_IP, Network, network, prepare_server, qemu_command
 
 ARTIFACTS = REPO / "test-artifacts"
 CAPTURES = REPO / "tests" / "data"
@@ -170,7 +170,7 @@ class Guest:
 
 @contextmanager
 def guest(the_lab: Lab, name: str, mac: str, **machine: Any) -> Iterator[Guest]:
-    """A QEMU guest booting from the network (pxeserver.lab.qemu_command takes ``machine``),
+    """A QEMU guest booting from the network (pxeserver.lab.firmware.qemu_command takes ``machine``),
     killed when the block ends."""
     console = the_lab.workdir / f"{name}.console.log"
     the_lab.logs.append(console)

@@ -20,7 +20,7 @@ import pytest
 from dhcp_support import can_make_namespaces, run
 from firmware_support import Guest, Lab, artifacts_on_failure, guest, lab, lifecycle_initrd, serving, wait_for
 
-from pxeserver.lab import BRIDGE, GUEST_IP, GUEST_MAC, SERVER_IP, copy_installer, missing_packages
+from pxeserver.lab.firmware import BRIDGE, GUEST_IP, GUEST_MAC, SERVER_IP, copy_installer, missing_packages
 
 pytestmark = [
     pytest.mark.slow,

@@ -16,7 +16,7 @@ import pytest
 from dhcp_support import can_make_namespaces, run
 from firmware_support import wait_for
 
-from pxeserver.lab import GUEST_IP, SERVER_IP, missing_packages
+from pxeserver.lab.firmware import GUEST_IP, SERVER_IP, missing_packages
 
 PXESERVER = [sys.executable, "-m", "pxeserver"]
 

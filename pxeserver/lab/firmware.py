@@ -48,7 +48,7 @@ LOADERS = {
     "syslinux.efi": Path("/usr/lib/SYSLINUX.EFI/efi64/syslinux.efi"),
     "ldlinux.e64": Path("/usr/lib/syslinux/modules/efi64/ldlinux.e64"),
 }
-REPO = Path(__file__).resolve().parent.parent  # holds kickstarts/ and preseeds/
+REPO = Path(__file__).resolve().parents[2]  # holds kickstarts/ and preseeds/
 NICS = {"e1000": "e1000", "virtio": "virtio-net-pci"}  # our name: QEMU's device
 
 
