@@ -79,15 +79,17 @@ class _HashCache:
                 known = self._known.get(version)
             if known is not None:
                 return known
-            digest = _pread_sha256(fd)
-            with self._lock:
-                self._hashing.pop(version, None)
-                if _version(os.fstat(fd)) == version:  # not remembered if it changed while read
+            try:
+                digest = _pread_sha256(fd)
+            finally:
+                with self._lock:
+                    self._hashing.pop(version, None)
+            if _version(os.fstat(fd)) == version:  # not remembered if it changed while read
+                with self._lock:
                     if len(self._known) >= _HASH_CACHE_ENTRIES:
                         self._known.pop(next(iter(self._known)))
                     self._known[version] = digest
         return digest
-
 
 
 _cache = _HashCache()
@@ -190,14 +192,11 @@ class BootFileGuard:
         except Unavailable:
             return
         for record in records.values():
-            actual = _cache.sha256(published.fd, published.info)
-            if actual == record.sha256 and published.info.st_size == record.size:
-                self._matched(record.path)
-                continue
-            mismatch = Mismatch(record.path, record.sha256, actual)
-            self._refused(record.path)
-            self._found(mismatch, f"refusing it over {protocol}")
-            raise BootFileRefused(mismatch)
+            mismatch = self._compare(record, published)
+            if mismatch is not None:
+                self._refused(record.path)
+                self._found(mismatch, f"refusing it over {protocol}")
+                raise BootFileRefused(mismatch)
 
     def mismatched(self) -> int:
         """How many recorded files this node's last check found bad; those are checked again
@@ -236,13 +235,19 @@ class BootFileGuard:
             self._matched(record.path, quiet=True)
             return
         try:
-            actual = _cache.sha256(published.fd, published.info)
+            mismatch = self._compare(record, published)
         finally:
             os.close(published.fd)
+        if mismatch is not None:
+            self._found(mismatch, "refusing to serve it")
+
+    def _compare(self, record: BootFile, published: Published) -> Mismatch | None:
+        """None (and the copy noted as good again) when ``published`` is what ``record`` says."""
+        actual = _cache.sha256(published.fd, published.info)
         if actual == record.sha256 and published.info.st_size == record.size:
             self._matched(record.path)
-        else:
-            self._found(Mismatch(record.path, record.sha256, actual), "refusing to serve it")
+            return None
+        return Mismatch(record.path, record.sha256, actual)
 
     def _found(self, mismatch: Mismatch, action: str) -> None:
         with self._lock:
