@@ -237,7 +237,6 @@ class Fetcher:
             self.bounds.written += size
         return target
 
-
     def _http(self, url: str, file: BinaryIO, limit: int, too_big: str) -> int:
         """An HTTP download, through the dom0 cache when one is set (cache.py). The cache
         failing (a full disk, say) costs the boot only the cache: a warning, then a download."""
