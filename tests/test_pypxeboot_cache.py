@@ -56,6 +56,7 @@ class FileServer(ThreadingHTTPServer):
     def __init__(self, files: dict[str, tuple[bytes, str | None]]) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files, self.gets, self.no_head = files, Counter[str](), False
+        self.kernel_headers: list[tuple[str, str]] = []  # sent with /linux instead of its digest
         self.lock = threading.Lock()
 
     def url(self, path: str) -> str:
@@ -86,7 +87,10 @@ class _Handler(BaseHTTPRequestHandler):
         data, digest = self.server.files[self.path]
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
-        if digest is not None:
+        if self.path == "/linux" and self.server.kernel_headers:
+            for name, value in self.server.kernel_headers:
+                self.send_header(name, value)
+        elif digest is not None:
             self.send_header("Repr-Digest", f"sha-256=:{base64.b64encode(bytes.fromhex(digest)).decode()}:")
         self.end_headers()
         if body:
@@ -209,6 +213,37 @@ def test_a_server_announcing_no_digest_is_downloaded_as_without_a_cache(tmp_path
             assert_booted(boot(tmp_path / run, port, cache), tmp_path / run / "d", KERNEL, INITRD)
     assert server.gets == {"/linux": 2, "/initrd": 1}
     assert set(kept(cache)) == {sha256(INITRD)}
+
+
+@pytest.mark.parametrize("headers", [
+    [("Repr-Digest", "sha-256=:not base64 at all!:")],
+    [("Repr-Digest", f"sha-256=:{base64.b64encode(b'short').decode()}:")],  # 5 bytes, not 32
+    [("X-Checksum-SHA256", "zz" * 32)],
+    [("Repr-Digest", f"sha-256=:{base64.b64encode(bytes.fromhex(sha256(KERNEL))).decode()}:"),
+     ("X-Checksum-SHA256", sha256(INITRD))],  # two digests that disagree
+], ids=["garbage", "short", "bad-hex", "disagreeing"])
+def test_a_malformed_or_contradictory_digest_is_downloaded_as_without_a_cache(
+        tmp_path: Path, headers: list[tuple[str, str]]) -> None:
+    """A hostile server's odd digest headers make pypxeboot download the file plainly, every
+    boot, and keep nothing under any digest; the boot itself still works."""
+    cache = tmp_path / "cache"
+    with serving() as (server, port):
+        server.kernel_headers = headers
+        for run in ("1", "2"):
+            assert_booted(boot(tmp_path / run, port, cache), tmp_path / run / "d", KERNEL, INITRD)
+    assert server.gets == {"/linux": 2, "/initrd": 1}
+    assert set(kept(cache)) == {sha256(INITRD)}
+
+
+def test_a_digest_header_longer_than_any_header_line_fails_the_boot_and_keeps_nothing(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with serving() as (server, port):
+        server.kernel_headers = [("Repr-Digest", "sha-256=:" + "A" * 100_000 + ":")]
+        assert_refused(boot(tmp_path / "1", port, cache), "/linux: LineTooLong")
+        assert server.gets["/linux"] == 0 and kept(cache) == {}
+        server.kernel_headers = []  # the server behaves again: the next boot works, through the cache
+        assert_booted(boot(tmp_path / "2", port, cache), tmp_path / "2" / "d", KERNEL, INITRD)
+    assert set(kept(cache)) == {sha256(KERNEL), sha256(INITRD)}
 
 
 def test_a_server_without_head_is_downloaded_as_without_a_cache(tmp_path: Path) -> None:
