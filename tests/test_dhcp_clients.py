@@ -239,10 +239,12 @@ with tempfile.TemporaryDirectory() as tmp:
 
 
 def test_without_root_the_service_says_so_in_one_line():
-    # Refused at SO_BINDTODEVICE or at binding port 67: nothing is ever sent.
+    # Refused at SO_BINDTODEVICE or at binding port 67: nothing is ever sent. Root's privileges
+    # are its capabilities: the child keeps uid 0 (so it can still read a checkout only root may
+    # enter, as a fresh clone under mktemp -d is) and loses every capability, as a user has none.
     result = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-         NOT_ROOT_SCRIPT], capture_output=True, text=True, timeout=60, cwd="/tmp")
+        ["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs",
+         sys.executable, "-c", NOT_ROOT_SCRIPT], capture_output=True, text=True, timeout=60, cwd="/tmp")
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1 and "needs root" in lines[0], result.stdout + result.stderr
 
