@@ -692,10 +692,11 @@ exit 0
 
 
 @contextmanager
-def dhcp_lan(clients: int) -> Iterator[tuple[str, str, list[str]]]:
-    """One layer-2 network (a bridge in a namespace of its own) joining two server namespaces
-    (interface dhs0, 10.77.0.1 and .2) and ``clients`` client namespaces (interface dhc0, no
-    address); yields the namespaces' names and deletes them all afterwards."""
+def dhcp_lan(clients: int) -> Iterator[tuple[str, str, str, list[str]]]:
+    """One layer-2 network (bridge br0 in a namespace of its own, node A's port ps0, node B's
+    ps1) joining two server namespaces (interface dhs0, 10.77.0.1 and .2) and ``clients`` client
+    namespaces (interface dhc0, no address); yields the namespaces' names (the bridge's, A's,
+    B's, the clients') and deletes them all afterwards."""
     tag = f"n{os.getpid()}"
     lan, servers = f"{tag}-lan", [f"{tag}-a", f"{tag}-b"]
     guests = [f"{tag}-c{i}" for i in range(clients)]
@@ -715,7 +716,7 @@ def dhcp_lan(clients: int) -> Iterator[tuple[str, str, list[str]]]:
             run("ip", "-n", namespace, "link", "set", interface, "up")
         for namespace, address in zip(servers, (NODE_A_IP, NODE_B_IP), strict=True):
             run("ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", "dhs0")
-        yield servers[0], servers[1], guests
+        yield lan, servers[0], servers[1], guests
     finally:
         for namespace in reversed(made):
             run("ip", "netns", "del", namespace, check=False)
@@ -744,8 +745,9 @@ def client_events(path: Path) -> list[tuple[str, str, str]]:
 def test_node_a_killed_mid_boot_storm_clients_complete_and_rebind_with_node_b(
         tmp_path: Path, pg_cluster: Cluster) -> None:
     """Sixteen busybox udhcpc clients, each in its own namespace, start at once on a network
-    with two pxeserver DHCP nodes (real `serve` processes) sharing one registry. Node A is
-    killed with SIGKILL once a third of them are bound. Every client still gets an address, no
+    with two pxeserver DHCP nodes (real `serve` processes) sharing one registry (B deaf to
+    broadcasts until A has bound one client). Node A is killed with SIGKILL once a third of them
+    are bound. Every client still gets an address, no
     address goes to two clients, and when the clients renew (SIGUSR1, as at T1), those node A
     served find it silent and rebind by broadcast: node B acknowledges each the address it had,
     and the registry's leases are exactly the clients' addresses."""
@@ -763,12 +765,16 @@ def test_node_a_killed_mid_boot_storm_clients_complete_and_rebind_with_node_b(
     events = [tmp_path / f"client{i}.events" for i in range(clients)]
     processes: list[subprocess.Popen[str]] = []
     try:
-        with dhcp_lan(clients) as (ns_a, ns_b, guests):
+        with dhcp_lan(clients) as (lan, ns_a, ns_b, guests):
             node_a = dhcp_node(tmp_path / "a", ns_a, socket_url, NODE_A_IP, "node-a")
             processes.append(node_a)
             processes.append(dhcp_node(tmp_path / "b", ns_b, socket_url, NODE_B_IP, "node-b"))
             for guest, mac in zip(guests, macs, strict=True):
                 run("ip", "-n", guest, "link", "set", "dhc0", "address", mac)
+            # Which node's OFFER reaches a client first is a scheduling race that node B may win
+            # sixteen times in a row; then A would die having served no one. So B hears no
+            # broadcast until A has bound its first client, and both race from then on.
+            run("ip", "netns", "exec", lan, "bridge", "link", "set", "dev", "ps1", "bcast_flood", "off")
             udhcpcs = []
             storm = time.monotonic()
             for guest, path in zip(guests, events, strict=True):
@@ -787,7 +793,9 @@ def test_node_a_killed_mid_boot_storm_clients_complete_and_rebind_with_node_b(
                         found[i] = (first[1], first[2])
                 return found
 
-            until(lambda: len(bound()) >= clients // 3 and NODE_A_IP in {s for _, s in bound().values()}, 60)
+            until(lambda: NODE_A_IP in {s for _, s in bound().values()}, 60)
+            run("ip", "netns", "exec", lan, "bridge", "link", "set", "dev", "ps1", "bcast_flood", "on")
+            until(lambda: len(bound()) >= clients // 3, 60)
             os.kill(node_a.pid, signal.SIGKILL)
             node_a.wait(timeout=10)
             at_kill = bound()
