@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -172,7 +173,8 @@ def test_the_built_zipapp_netboots_on_a_python_with_nothing_installed(tftp, tmp_
     out = tmp_path / "out"
     out.mkdir()
     with web:
-        result = subprocess.run([BARE_PYTHON, "-I", "-S", str(tmp_path / "pypxeboot"), f"--output={out / 'result'}",
+        # run as xl runs it: the file itself, through its #! line (/usr/bin/python3 -IS)
+        result = subprocess.run([str(tmp_path / "pypxeboot"), f"--output={out / 'result'}",
                                  "--output-format=simple0", f"--output-directory={out}", f"mac={MAC}",
                                  "server=127.0.0.1", f"tftp_port={port}", "/dev/null"],
                                 capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
@@ -181,4 +183,8 @@ def test_the_built_zipapp_netboots_on_a_python_with_nothing_installed(tftp, tmp_
     root = ctx.config.tftp_root
     assert Path(fields["kernel"]).read_bytes() == (root / "images/d/linux").read_bytes()
     assert Path(fields["ramdisk"]).read_bytes() == (root / "images/d/initrd.gz").read_bytes()
-    assert (tmp_path / "pypxeboot").read_bytes().startswith(b"#!/usr/bin/python3\n")
+    assert (tmp_path / "pypxeboot").read_bytes().startswith(b"#!/usr/bin/python3 -IS\n")
+    # only tftpy's packet layer is vendored, under an __init__ that imports nothing of its own
+    names = zipfile.ZipFile(tmp_path / "pypxeboot").namelist()
+    assert sorted(name for name in names if name.startswith("tftpy/")) == [
+        "tftpy/TftpPacketFactory.py", "tftpy/TftpPacketTypes.py", "tftpy/TftpShared.py", "tftpy/__init__.py"]
