@@ -8,7 +8,9 @@ not the digest it announces (the boot fails, nothing is kept, a good server then
 guest); a server that serves other bytes under their own true digest (kept under that digest
 only: a guest announced the real kernel's digest gets the real kernel); a symlink, a file of
 another owner and a hard link placed under an entry's name (not trusted, replaced); a cache
-directory others may write (not used); and eight boots at once (one download per file).
+directory others may write (not used); eight boots at once (one download per file); a guest
+waiting on a stalled download (it gives up at its deadline); and a download that fails while
+another guest waits for it (that guest downloads the file itself).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,6 +60,8 @@ class FileServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files, self.gets, self.no_head = files, Counter[str](), False
         self.kernel_headers: list[tuple[str, str]] = []  # sent with /linux instead of its digest
+        # path -> (the body the first GET gets instead, seconds it pauses halfway through)
+        self.first_get: dict[str, tuple[bytes, float]] = {}
         self.lock = threading.Lock()
 
     def url(self, path: str) -> str:
@@ -78,13 +83,17 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         with self.server.lock:
             self.server.gets[self.path] += 1
-        self._answer(body=True)
+            first = self.server.gets[self.path] == 1
+        self._answer(body=True, first=first)
 
-    def _answer(self, body: bool) -> None:
+    def _answer(self, body: bool, first: bool = False) -> None:
         if self.path not in self.server.files:
             self.send_error(404)
             return
         data, digest = self.server.files[self.path]
+        pause = 0.0
+        if body and first and self.path in self.server.first_get:
+            data, pause = self.server.first_get[self.path]
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
         if self.path == "/linux" and self.server.kernel_headers:
@@ -94,7 +103,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Repr-Digest", f"sha-256=:{base64.b64encode(bytes.fromhex(digest)).decode()}:")
         self.end_headers()
         if body:
-            self.wfile.write(data)
+            self.wfile.write(data[:len(data) // 2])
+            self.wfile.flush()
+            time.sleep(pause)
+            self.wfile.write(data[len(data) // 2:])
 
 
 @contextmanager
@@ -297,6 +309,57 @@ def test_concurrent_boots_on_one_dom0_download_each_file_once(tmp_path: Path) ->
         assert_booted(outcomes[index], tmp_path / str(index) / "d", KERNEL, INITRD)
     assert server.gets == {"/linux": 1, "/initrd": 1}
     assert sum(int(o.stderr.rsplit("; ", 1)[1].split()[0]) for o in outcomes.values()) == 14  # 7 guests x 2 files
+
+
+def boot_later(outcomes: dict[int, Outcome], index: int, out: Path, port: int, cache: Path,
+               *words: str) -> threading.Thread:
+    thread = threading.Thread(target=lambda: outcomes.__setitem__(index, boot(out, port, cache, *words)))
+    thread.start()
+    return thread
+
+
+def wait_for_get(server: FileServer, path: str) -> None:
+    ends = time.monotonic() + 30
+    while not server.gets[path]:
+        assert time.monotonic() < ends, f"nobody fetched {path}"
+        time.sleep(0.01)
+
+
+def test_a_guest_waiting_on_a_stalled_download_gives_up_at_its_deadline(tmp_path: Path) -> None:
+    """Guest 1's initrd download stalls for 8 s halfway. Guest 2, booting meanwhile with a
+    3 s deadline, copies the kernel guest 1 kept, waits for the initrd's lock and fails at its
+    deadline with one line saying so; guest 1 then completes, the file fetched once."""
+    cache = tmp_path / "cache"
+    outcomes: dict[int, Outcome] = {}
+    with serving() as (server, port):
+        server.first_get["/initrd"] = (INITRD, 8.0)
+        first = boot_later(outcomes, 1, tmp_path / "1", port, cache)
+        wait_for_get(server, "/initrd")
+        waiter = boot(tmp_path / "2", port, cache, "deadline=3")
+        first.join(60)
+    assert_refused(waiter, "waited for another pypxeboot's download of sha-256", "deadline=")
+    assert 2.5 < waiter.seconds < 8, waiter.seconds
+    assert_booted(outcomes[1], tmp_path / "1" / "d", KERNEL, INITRD)
+    assert server.gets == {"/linux": 1, "/initrd": 1}
+
+
+def test_when_the_downloading_guest_fails_a_waiting_one_downloads_the_file_itself(tmp_path: Path) -> None:
+    """Guest 1 gets a body that is not the announced digest, slowly; guest 2, waiting on its
+    lock meanwhile, finds nothing kept when guest 1 fails, downloads the file itself (the
+    server's second GET, the true body) and boots. Guest 1 boots nothing."""
+    cache = tmp_path / "cache"
+    outcomes: dict[int, Outcome] = {}
+    evil_initrd = b"evil" * (len(INITRD) // 4)
+    with serving() as (server, port):
+        server.first_get["/initrd"] = (evil_initrd, 1.0)
+        first = boot_later(outcomes, 1, tmp_path / "1", port, cache)
+        wait_for_get(server, "/initrd")
+        second = boot(tmp_path / "2", port, cache)
+        first.join(60)
+    assert_refused(outcomes[1], "SHA-256", "not kept")
+    assert_booted(second, tmp_path / "2" / "d", KERNEL, INITRD)
+    assert server.gets == {"/linux": 1, "/initrd": 2}
+    assert kept(cache) == {sha256(KERNEL): KERNEL, sha256(INITRD): INITRD}
 
 
 def test_pxeserver_announces_digests_and_a_dom0_boots_from_its_cache(tmp_path: Path) -> None:

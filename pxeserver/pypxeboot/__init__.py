@@ -262,17 +262,19 @@ class Fetcher:
         sha256, length = announced.sha256, announced.length
         if sha256 is None or length is None or length > min(limit, cache.max_bytes):
             return http.download(url, self.server, file, limit, too_big, self.bounds)
-        with cache.locked(sha256, self.bounds):
+        while True:  # ends: each turn downloads, copies, or waits for a download that ended
             copied = cache.copy_to(sha256, file, limit, too_big)
-            if copied is None:
-                with cache.new_entry(sha256) as entry:
-                    http.download(url, self.server, entry, limit, too_big, self.bounds, expect_sha256=sha256)
-                copied = cache.copy_to(sha256, file, limit, too_big)
-            else:
+            if copied is not None:
                 self.cache_hits += 1
-        if copied is None:
-            raise CacheUnusable(f"{sha256} vanished as it was kept")
-        return copied
+                return copied
+            with cache.download_lock(sha256, self.bounds) as ours:
+                if ours:
+                    with cache.new_entry(sha256) as entry:
+                        http.download(url, self.server, entry, limit, too_big, self.bounds, expect_sha256=sha256)
+                    copied = cache.copy_to(sha256, file, limit, too_big)
+                    if copied is None:
+                        raise CacheUnusable(f"{sha256} vanished as it was kept")
+                    return copied
 
 
 def open_cache(request: Request) -> Cache | None:

@@ -6,7 +6,8 @@ what it downloaded under the SHA-256 the boot server announced for it (``Repr-Di
 RFC 9530, or ``X-Checksum-SHA256``: pxeserver sends both on /boot/) and, when a later boot is
 announced a digest it holds, copies the kept file into its own new output file instead of
 reading the body again. Guests booting at once take a lock per digest (``flock``), so one
-downloads while the others wait, then copy.
+downloads while the others wait, then copy; a kept file is copied without the lock (entries
+appear whole: they are renamed into place).
 
 Trust: the network chooses the digest, never what is kept under it. A body is kept only after
 its own SHA-256 equals the digest it is kept under (and the one the response announced), so a
@@ -29,6 +30,7 @@ import errno
 import fcntl
 import os
 import re
+import signal
 import stat
 import time
 from collections.abc import Iterator
@@ -37,7 +39,6 @@ from typing import BinaryIO
 from pxeserver.pypxeboot.tftp import BoundExceeded, Bounds
 
 _ENTRY = re.compile(r"[0-9a-f]{64}")
-_LOCK_POLL = 0.02  # seconds between tries for a digest's lock
 _STALE_PARTIAL = 3600  # seconds after which a partial file (its writer was killed) is removed
 _COPY = 1 << 24  # bytes per sendfile call
 
@@ -57,35 +58,39 @@ class Cache:
         os.close(self.fd)
 
     @contextlib.contextmanager
-    def locked(self, sha256: str, bounds: Bounds) -> Iterator[None]:
-        """Hold ``sha256``'s lock, waiting (at most until the boot's deadline) while another
-        pypxeboot downloads it. The lock file is removed by its holder before it lets go, and
-        a lock taken on a file already removed is taken again."""
+    def download_lock(self, sha256: str, bounds: Bounds) -> Iterator[bool]:
+        """True, holding ``sha256``'s lock, when no other pypxeboot is downloading it: the
+        caller downloads. False, holding nothing, once another one that was has let go (the
+        file is then kept, or its download failed): the caller looks in the cache again.
+
+        Waiting is one blocking ``flock`` bounded by the boot's deadline (SIGALRM), not a
+        poll: a storm's waiters then cost no CPU, which the one downloading guest per dom0
+        needs (polling every 20 ms, 190 waiters slowed those downloads by half). The lock file
+        is removed by its holder before it lets go, so a lock taken on a removed file means
+        that holder finished."""
         name = f"{sha256}.lock"
-        while True:
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
+        try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                _wait_for_lock(fd, bounds.deadline - time.monotonic(), sha256)
+                held = False  # taken only once its holder let go: nothing to download
+            else:
+                try:
+                    current = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    current = None
+                held = current is not None and (current.st_dev, current.st_ino) == _identity(os.fstat(fd))
+            if not held:
                 os.close(fd)
-                if time.monotonic() + _LOCK_POLL >= bounds.deadline:
-                    raise BoundExceeded(f"waited for another pypxeboot's download of sha-256 {sha256[:16]}... "
-                                        "until the boot's deadline passed (deadline=)") from None
-                time.sleep(_LOCK_POLL)
-                continue
-            try:
-                current = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
-            except FileNotFoundError:
-                current = None
-            if current is not None and (current.st_dev, current.st_ino) == _identity(os.fstat(fd)):
-                break
-            os.close(fd)  # its holder removed it after we opened it: take the new one
-        try:
-            yield
+                fd = -1
+            yield held
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(name, dir_fd=self.fd)
-            os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=self.fd)
+                os.close(fd)
 
     def copy_to(self, sha256: str, output: BinaryIO, limit: int, too_big: str) -> int | None:
         """Copy the kept file for ``sha256`` into ``output`` (empty, just created); its size,
@@ -157,6 +162,27 @@ class Cache:
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=self.fd)
                 total -= size
+
+
+class _LockWaitEnded(Exception):
+    """Raised by the SIGALRM handler to end a blocking flock at the boot's deadline."""
+
+
+def _wait_for_lock(fd: int, seconds: float, sha256: str) -> None:
+    """Block until ``fd``'s lock is free, at most ``seconds``; BoundExceeded after that."""
+    def ended(signum: int, frame: object) -> None:
+        raise _LockWaitEnded()
+
+    previous = signal.signal(signal.SIGALRM, ended)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except _LockWaitEnded:
+        raise BoundExceeded(f"waited for another pypxeboot's download of sha-256 {sha256[:16]}... "
+                            "until the boot's deadline passed (deadline=)") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _identity(info: os.stat_result) -> tuple[int, int]:
