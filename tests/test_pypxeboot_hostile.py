@@ -29,6 +29,7 @@ from test_chain import MAC, register, serving, workdir  # noqa: F401 (workdir: a
 
 from pxeserver.dhcp import codec
 from pxeserver.dhcp.codec import MessageType, Option
+from pxeserver.pypxeboot.dhcp import only_exchange
 
 PYPXEBOOT = [sys.executable, "-c", "from pxeserver.pypxeboot import main; main()"]
 RRQ, DATA, ACK, ERROR, OACK = 1, 3, 4, 5, 6
@@ -621,6 +622,32 @@ def signal_all(pids: list[int], signum: int) -> None:
 
 
 needs_namespaces = pytest.mark.skipif(not can_make_namespaces(), reason="needs root for network namespaces")
+
+
+def test_the_kernel_queues_only_this_exchange_s_dhcp_replies() -> None:
+    """pypxeboot's DHCP socket filter (SO_ATTACH_FILTER) on a real socket: 200 replies with
+    other xids (a storm's other guests, or a flood) and garbage shorter than a DHCP header are
+    dropped by the kernel; the one reply with this exchange's xid is the first thing read."""
+    xid = 0x5EED1234
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as listener, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        only_exchange(listener, xid)
+        listener.bind(("127.0.0.1", 0))
+        mac = bytes.fromhex("00163e000001")
+
+        def reply(of: int) -> bytes:
+            return codec.encode(codec.Packet(op=codec.BOOTREPLY, xid=of, chaddr=mac,
+                                             options={Option.MESSAGE_TYPE: bytes((MessageType.OFFER,))}))
+
+        for other in range(200):
+            sender.sendto(reply(xid ^ (other + 1)), listener.getsockname())
+        sender.sendto(b"\x02\x01\x06", listener.getsockname())  # too short to hold an xid
+        sender.sendto(reply(xid), listener.getsockname())
+        listener.settimeout(5)
+        assert codec.parse(listener.recv(4096)).xid == xid
+        listener.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            listener.recv(4096)
 
 
 @pytest.mark.netns

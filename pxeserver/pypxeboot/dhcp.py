@@ -10,14 +10,22 @@ Anyone on the bridge sees the broadcast DISCOVER (xid and MAC) and can answer it
 counts only from the server this exchange trusts: the one pinned with ``dhcp_server=IP``
 (its server id and the reply's source address must both be that IP), else the first server to
 offer (its server id and source address together); the ACK must then come from the same.
+
+Every pypxeboot in a dom0 listens on port 68 at once, and the kernel hands each broadcast reply
+to every such socket: in a storm of 200 guests each would wake for, and parse, the replies to
+all the others, and a guest flooding port 68 would be parsed by all of them. So the socket
+carries a classic BPF filter (``SO_ATTACH_FILTER``) that lets only datagrams with this
+exchange's xid through; the Python checks below still decide what counts.
 """
 
 from __future__ import annotations
 
+import array
 import ipaddress
 import re
 import secrets
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +38,8 @@ ATTEMPT_TIMEOUTS = (1.0, 2.0, 4.0, 4.0)  # seconds to wait for each DISCOVER's o
 _PLAIN_NAME = re.compile(rb"[!-~]{0,128}")  # printable ASCII, no blanks: it prefixes TFTP paths
 REQUESTED = bytes((Option.SUBNET_MASK, Option.ROUTER, Option.DNS_SERVERS, Option.HOSTNAME,
                    Option.DOMAIN_NAME, Option.TFTP_SERVER, Option.BOOTFILE))
+SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>; Python's socket module does not name it
+_XID_OFFSET = 8 + 4  # a UDP socket's filter reads from the UDP header; the xid follows op..hops
 
 
 class DhcpFailed(RuntimeError):
@@ -93,11 +103,27 @@ def _exchange(sock: socket.socket, mac: MacAddress, xid: int, packet: bytes, wan
     return None
 
 
+def only_exchange(sock: socket.socket, xid: int) -> None:
+    """Let the kernel queue to ``sock`` only UDP datagrams whose DHCP xid is ``xid``."""
+    instruction = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
+    program = array.array("B", b"".join((
+        instruction.pack(0x20, 0, 0, _XID_OFFSET),  # BPF_LD|BPF_W|BPF_ABS: A = 32 bits there (big-endian)
+        instruction.pack(0x15, 0, 1, xid),  # BPF_JMP|BPF_JEQ|BPF_K: A == xid? next : skip one
+        instruction.pack(0x06, 0, 0, 0xFFFFFFFF),  # BPF_RET|BPF_K: the whole datagram
+        instruction.pack(0x06, 0, 0, 0),  # BPF_RET|BPF_K: none of it
+    )))
+    address, length = program.buffer_info()
+    # struct sock_fprog: the instruction count, then a pointer to them (native layout)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("@HP", length // instruction.size, address))
+
+
 def obtain_lease(mac: MacAddress, interface: str, pinned: str, deadline: float) -> Lease:
     """Run one DHCP exchange for ``mac`` with the server ``pinned`` (an IP; "": none), else with the
     first server that offers, by ``deadline`` (a time.monotonic() value); raises DhcpFailed
     when that server does not complete it."""
+    xid = secrets.randbits(32)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        only_exchange(sock, xid)  # before bind: nothing of other exchanges is ever queued
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         if interface:
@@ -106,7 +132,6 @@ def obtain_lease(mac: MacAddress, interface: str, pinned: str, deadline: float) 
             sock.bind(("0.0.0.0", 68))
         except PermissionError:
             raise DhcpFailed("DHCP needs root (port 68)") from None
-        xid = secrets.randbits(32)
         discover = _request_packet(mac, xid, MessageType.DISCOVER)
         answer = _exchange(sock, mac, xid, discover, {MessageType.OFFER},
                            lambda origin: not pinned or origin == Origin(pinned, pinned), deadline)
