@@ -2,7 +2,8 @@
 stack an admin would build instead (dnsmasq for DHCP and TFTP, nginx for files and preseeds).
 
 Every simulated guest does what a real one does, in order, all guests at once:
-  1. pypxeboot, run as xl runs it (its own process, ``interface=br0 mac=...``): DHCP with the
+  1. pypxeboot, run as xl runs it in a dom0 (its own process, the zipapp ``pxeserver
+     build-pypxeboot`` writes, on /usr/bin/python3, ``interface=br0 mac=...``): DHCP with the
      guest's MAC, the pxelinux.cfg/ lookup over TFTP, then the kernel and the initrd (over
      TFTP, or over HTTP when the config names ``http://`` URLs); the files it wrote are
      checked for size, then removed;
@@ -72,6 +73,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from web import cpu_seconds  # noqa: E402
+
+from pxeserver.dom0 import INTERPRETER, build_pypxeboot  # noqa: E402
 
 SERVER_IP, DOM0_IP, PREFIX = "10.88.0.1", "10.88.0.2", 16
 SERVER_IF, DOM0_PORT, BRIDGE = "srv0", "vif0", "br0"
@@ -293,7 +296,8 @@ def start_peer(lan: Lan, workdir: Path, root: Path, guests: int, transport: str)
 # -- the guests (run inside dom0) --------------------------------------------------------------
 
 
-def one_guest(index: int, sizes: dict[str, int], workdir: Path, deadline: float, cache: str) -> dict[str, object]:
+def one_guest(index: int, sizes: dict[str, int], workdir: Path, deadline: float, cache: str,
+              pypxeboot: str) -> dict[str, object]:
     """One domU's boot and install; returns its step times, or the error that stopped it."""
     from pxeserver.mac import MacAddress
     from pxeserver.pypxeboot.dhcp import obtain_lease
@@ -306,10 +310,10 @@ def one_guest(index: int, sizes: dict[str, int], workdir: Path, deadline: float,
         out.mkdir()
         result = out / "result"
         result.touch()
-        booted = subprocess.run([sys.executable, "-c", "from pxeserver.pypxeboot import main; main()",
-                                 f"--output={result}", "--output-format=simple0", f"--output-directory={out}",
-                                 f"mac={mac}", f"interface={BRIDGE}", f"dhcp_server={SERVER_IP}",
-                                 f"deadline={int(deadline - time.monotonic())}", *cache_words(cache), "/dev/null"],
+        booted = subprocess.run([pypxeboot, f"--output={result}", "--output-format=simple0",
+                                 f"--output-directory={out}", f"mac={mac}", f"interface={BRIDGE}",
+                                 f"dhcp_server={SERVER_IP}", f"deadline={int(deadline - time.monotonic())}",
+                                 *cache_words(cache), "/dev/null"],
                                 capture_output=True, text=True, timeout=max(deadline - time.monotonic(), 1),
                                 stdin=subprocess.DEVNULL)
         if booted.returncode != 0:
@@ -364,7 +368,8 @@ def cache_words(cache: str) -> list[str]:
     return [f"cache_dir={cache}"] if cache else []
 
 
-def storm(guests: int, sizes: dict[str, int], workdir: Path, timeout: float, dom0s: int, cached: bool) -> None:
+def storm(guests: int, sizes: dict[str, int], workdir: Path, timeout: float, dom0s: int, cached: bool,
+          pypxeboot: str) -> None:
     """Inside dom0: every guest at once (one thread each, pypxeboot its own process); prints
     one JSON line per guest, then one with the CPU seconds the guests' side used. Guest i runs
     on simulated dom0 i % dom0s: with ``cached``, that dom0's pypxeboot cache directory."""
@@ -375,7 +380,7 @@ def storm(guests: int, sizes: dict[str, int], workdir: Path, timeout: float, dom
     def run(index: int) -> None:
         start.wait()
         cache = str(workdir / f"cache-dom0-{index % dom0s}") if cached else ""
-        results[index] = one_guest(index, sizes, workdir, deadline, cache)
+        results[index] = one_guest(index, sizes, workdir, deadline, cache, pypxeboot)
 
     threads = [threading.Thread(target=run, args=(index,)) for index in range(guests)]
     for thread in threads:
@@ -385,7 +390,8 @@ def storm(guests: int, sizes: dict[str, int], workdir: Path, timeout: float, dom
     for index, result in enumerate(results):
         print(json.dumps(result or {"index": index, "steps": {}, "error": "no result by the deadline"}))
     used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    print(json.dumps({"client_cpu": sum(u.ru_utime + u.ru_stime for u in used)}))
+    print(json.dumps({"client_cpu": sum(u.ru_utime + u.ru_stime for u in used),
+                      "pypxeboot_cpu": used[1].ru_utime + used[1].ru_stime}))
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -401,6 +407,7 @@ class Figures:
     steps: dict[str, float]  # median time at which each step ended
     phases: dict[str, float]  # median seconds each phase took
     client_cpu: float  # every guest's pypxeboot and installer steps together
+    pypxeboot_cpu: float  # the pypxeboot processes' share of it
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -419,7 +426,8 @@ def run_stack(name: str, lan: Lan, workdir: Path, root: Path, sizes: dict[str, i
         started = time.monotonic()
         driven = subprocess.run([*lan.exec(lan.dom0), sys.executable, __file__, "--storm", str(guests_dir),
                                  json.dumps(sizes), "--guests", str(options.guests), "--timeout", str(options.timeout),
-                                 "--dom0s", str(options.dom0s), *(["--cached"] if transport == "cache" else [])],
+                                 "--dom0s", str(options.dom0s), "--pypxeboot", str(workdir / "pypxeboot"),
+                                 *(["--cached"] if transport == "cache" else [])],
                                 capture_output=True, text=True, timeout=options.timeout + 120, cwd=REPO)
         wall = time.monotonic() - started
         cpu = running.cpu() - before
@@ -429,6 +437,7 @@ def run_stack(name: str, lan: Lan, workdir: Path, root: Path, sizes: dict[str, i
     lines = [json.loads(line) for line in driven.stdout.splitlines() if line.startswith("{")]
     results = [line for line in lines if "index" in line]
     client_cpu = sum(line.get("client_cpu", 0.0) for line in lines)
+    pypxeboot_cpu = sum(line.get("pypxeboot_cpu", 0.0) for line in lines)
     if len(results) != options.guests:
         raise SystemExit(f"{name}: the storm driver failed: {driven.stderr[-2000:]}")
     failures = [f"g{r['index']}: {r['error']}" for r in results if "error" in r]
@@ -438,14 +447,14 @@ def run_stack(name: str, lan: Lan, workdir: Path, root: Path, sizes: dict[str, i
     phases = {phase: statistics.median(r["phases"].get(phase, float("nan")) for r in results if "error" not in r)
               if totals else float("nan") for phase in PHASES}
     wall = max(totals) if totals and not failures else wall
-    return Figures(name, wall, totals, failures, cpu, steps, phases, client_cpu)
+    return Figures(name, wall, totals, failures, cpu, steps, phases, client_cpu, pypxeboot_cpu)
 
 
 def fastest(runs: list[Figures]) -> Figures:
     """The fastest round, with the failures of every round (each must have none)."""
     best = min(runs, key=lambda f: (bool(f.failures), f.wall))
     return Figures(best.stack, best.wall, best.totals, [x for f in runs for x in f.failures], best.cpu, best.steps,
-                   best.phases, best.client_cpu)
+                   best.phases, best.client_cpu, best.pypxeboot_cpu)
 
 
 def report(figures: list[Figures], options: argparse.Namespace, sizes: dict[str, int],
@@ -458,10 +467,11 @@ def report(figures: list[Figures], options: argparse.Namespace, sizes: dict[str,
              else "clients and servers sharing every CPU, ")
           + f"load average at the start {options.load_before:.1f})")
     print(f"{'stack':<10} {'all done s':>10} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'failed':>6} "
-          f"{'server CPU s':>12} {'guests CPU s':>12}")
+          f"{'server CPU s':>12} {'guests CPU s':>12} {'of it pypxeboot':>15}")
     for f in figures:
         print(f"{f.stack:<10} {f.wall:10.2f} {percentile(f.totals, 0.5):7.2f} {percentile(f.totals, 0.95):7.2f} "
-              f"{max(f.totals, default=float('nan')):7.2f} {len(f.failures):6d} {f.cpu:12.2f} {f.client_cpu:12.2f}")
+              f"{max(f.totals, default=float('nan')):7.2f} {len(f.failures):6d} {f.cpu:12.2f} {f.client_cpu:12.2f} "
+              f"{f.pypxeboot_cpu:15.2f}")
         for failure in f.failures[:5]:
             print(f"    {failure}")
     print("median seconds per phase and guest: pypxeboot's " + ", ".join(PHASES[:4]) + "; the installer's "
@@ -506,6 +516,7 @@ def main() -> None:
                         "its own machine, not one more process among 200 guests (default: 0 when there are two "
                         "or more CPUs; empty: shared)")
     parser.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pypxeboot", help=argparse.SUPPRESS)
     parser.add_argument("--stacks", default=",".join(STACKS), help="which of " + ", ".join(STACKS))
     parser.add_argument("--rounds", type=int, default=1, help="runs per stack, in turn; the fastest counts")
     parser.add_argument("--timeout", type=float, default=900, help="seconds the storm may take per stack")
@@ -515,10 +526,12 @@ def main() -> None:
     options = parser.parse_args()
     if options.storm:
         storm(options.guests, json.loads(options.storm[1]), Path(options.storm[0]), options.timeout, options.dom0s,
-              options.cached)
+              options.cached, options.pypxeboot)
         return
     if os.geteuid() != 0:
         raise SystemExit("bootstorm needs root (network namespaces, DHCP, port 69 and 80)")
+    if not os.access(INTERPRETER, os.X_OK):
+        raise SystemExit(f"bootstorm runs pypxeboot as a dom0 does, on {INTERPRETER}, which is missing")
     stacks = [s for s in options.stacks.split(",") if s]
     if not stacks or set(stacks) - set(STACKS) or not 1 <= options.guests <= 4000 or not 1 <= options.rounds <= 20 \
             or not 1 <= options.dom0s <= options.guests \
@@ -534,6 +547,7 @@ def main() -> None:
     try:
         root = workdir / "tftproot"
         sizes = make_images(root, options.kernel_mb, options.initrd_mb)
+        build_pypxeboot(workdir / "pypxeboot")
         lan = Lan(options.guests, options.link_mbit, options.server_cpus)
         rounds: dict[str, list[Figures]] = {name: [] for name in stacks}
         for round_number in range(options.rounds):
