@@ -10,6 +10,7 @@ test against both.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,13 @@ pytest_plugins = ["dhcp_support", "dns_support", "tftp_support"]
 
 REPO = Path(__file__).resolve().parent.parent
 ServiceT = TypeVar("ServiceT", bound=Service)
+
+
+def interruptible() -> None:
+    """For ``preexec_fn`` of a child a test will Ctrl-C: SIGINT's default action, as in a
+    terminal, even when the test run was started with SIGINT ignored (a shell's background job
+    is, and a child inherits that, so Python would never raise KeyboardInterrupt in it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
