@@ -31,13 +31,6 @@ REPO = Path(__file__).resolve().parent.parent
 ServiceT = TypeVar("ServiceT", bound=Service)
 
 
-def interruptible() -> None:
-    """For ``preexec_fn`` of a child a test will Ctrl-C: SIGINT's default action, as in a
-    terminal, even when the test run was started with SIGINT ignored (a shell's background job
-    is, and a child inherits that, so Python would never raise KeyboardInterrupt in it)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     """A port free on loopback right now, for services that need a fixed one."""
     with socket.socket(socket.AF_INET, kind) as probe:
@@ -51,6 +44,11 @@ STORES = ("sqlite", "postgresql")
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "both_stores: run the module's registry tests against "
                                        "SQLite and PostgreSQL")
+    # Tests Ctrl-C their children (import, lab) as a terminal would. A run started as a shell's
+    # background job has SIGINT ignored, and children inherit an ignored signal, so Python in
+    # them would never raise KeyboardInterrupt; a handler here is reset to the default by exec.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

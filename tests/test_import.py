@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, interruptible
+from conftest import REPO
 
 from pxeserver import app
 from pxeserver.config import Config
@@ -450,7 +450,7 @@ def test_full_disk_leaves_nothing(workdir: Path, options: str, message: str) -> 
 @needs_debian
 def test_ctrl_c_mid_copy_leaves_nothing(tmp_path: Path, workdir: Path) -> None:
     with serving(DEBIAN, _SlowHandler) as url:
-        process = subprocess.Popen([*PXESERVER, "import", "deb12", url], cwd=workdir, preexec_fn=interruptible,
+        process = subprocess.Popen([*PXESERVER, "import", "deb12", url], cwd=workdir,
                                    stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             images = workdir / "tftproot" / "images"

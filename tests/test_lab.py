@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import interruptible
 from dhcp_support import can_make_namespaces, run
 from firmware_support import wait_for
 
@@ -47,7 +46,7 @@ def lab_processes(pid: int) -> list[str]:
 def test_the_lab_shows_console_and_timeline_and_ctrl_c_removes_it_all(tmp_path: Path) -> None:
     output = tmp_path / "terminal"
     with open(output, "wb") as terminal, open(tmp_path / "stderr", "wb") as errors:
-        lab = subprocess.Popen([*PXESERVER, "lab"], stdout=terminal, stderr=errors, preexec_fn=interruptible)
+        lab = subprocess.Popen([*PXESERVER, "lab"], stdout=terminal, stderr=errors)
     try:
         shown = lambda: output.read_bytes().decode(errors="replace")  # noqa: E731
         wait_for(lambda: True if "-> netbooting" in shown() else None, 240,
